@@ -1,0 +1,227 @@
+"""The training loop and the `lookalike` CLI, end to end on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tests.conftest import write_image_folder
+from training.cli import app
+
+runner = CliRunner()
+TINY = [
+    "--image-size", "32", "--batch-size", "8", "--samples-per-class", "2",
+    "--workers", "0", "--embedding-dim", "16", "--set", "eval_batch_size=32",
+]  # fmt: skip
+METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r", "r_precision"}
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.mark.parametrize("method", ["margin", "triplet", "contrastive", "npair"])
+def test_each_baseline_trains_and_its_checkpoint_evaluates(tiny_dataset, tmp_path, method):
+    out = tmp_path / method
+    result = invoke(
+        "train", "--data", tiny_dataset, "--method", method, "--iterations", 2, "--out", out, *TINY
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["best"]["test"]) == METRIC_KEYS
+    assert results["iterations"] == 2
+    card = json.loads((out / "best" / "card.json").read_text())
+    assert card["method"]["name"] == method
+    assert card["training_data"]["train"]["classes"] == 6  # 8 minus a 25% validation fold
+    assert card["training_data"]["val"]["classes"] == 2
+    assert set(card["metrics"]["test"]) == METRIC_KEYS
+    assert not (out / "state.pt").exists()
+
+    evaluated = invoke("evaluate", "--model", out / "best", "--data", tiny_dataset,
+                       "--json", tmp_path / "m.json", "--workers", 0)  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    # The artifact alone reproduces the numbers the training run recorded.
+    assert metrics["recall@1"] == pytest.approx(results["best"]["test"]["recall@1"], abs=1e-6)
+
+
+def test_embed_writes_embeddings_labels_and_paths(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", out, *TINY).exit_code
+        == 0
+    )
+    npz = tmp_path / "emb.npz"
+    result = invoke(
+        "embed", "--model", out / "last", "--data", tiny_dataset, "--out", npz, "--workers", 0
+    )
+    assert result.exit_code == 0, result.output
+    arrays = np.load(npz)
+    assert arrays["embeddings"].shape == (20, 16) and arrays["embeddings"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(arrays["embeddings"], axis=1), 1, atol=1e-5)
+    assert sorted(set(arrays["labels"].tolist())) == [0, 1, 2, 3]
+    assert all(Path(p).exists() for p in arrays["paths"])
+
+
+def test_training_lowers_the_loss_and_writes_per_epoch_metrics(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(
+        "train", "--data", tiny_dataset, "--method", "margin", "--epochs", 6, "--out", out,
+        "--lr", "1e-3", "--head-lr", "1e-2", "--eval-train", "--set", "iterations_per_epoch=5",
+        *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(6))
+    assert all(set(r["val"]) >= METRIC_KEYS and r["images_per_s"] > 0 for r in records)
+    assert 0 <= records[0]["data_wait_fraction"] <= 1
+    assert np.mean([r["loss"] for r in records[-2:]]) < records[0]["loss"]
+    results = json.loads((out / "results.json").read_text())
+    best_epoch = results["best"]["epoch"]
+    assert results["best"]["val"]["recall@1"] == max(r["val"]["recall@1"] for r in records)
+    assert records[best_epoch]["val"] == results["best"]["val"]
+    assert "recall@1" in results["best"]["train"]  # memorisation check: train next to test
+
+
+def test_finished_and_foreign_run_directories_are_refused(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", out, *TINY).exit_code
+        == 0
+    )
+    again = invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", out, *TINY)
+    assert again.exit_code == 2 and "finished run" in again.output
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", foreign, *TINY)
+    assert refused.exit_code == 2 and "not a lookalike run" in refused.output
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "/nonexistent/place"], "/nonexistent/place"),
+        (["--method", "nosuch"], "unknown method 'nosuch'"),
+        (["--preset", "nosuch"], "unknown preset 'nosuch'"),
+        (["--batch-size", "7"], "not a multiple of samples_per_class"),
+        (["--param", "nosuch=1"], "nosuch"),
+        (["--set", "image_size=abc"], "image_size"),
+    ],
+)
+def test_bad_training_arguments_end_in_one_line_errors(tiny_dataset, tmp_path, args, message):
+    base = {"--data": str(tiny_dataset), "--method": "margin"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    extra = [part for pair in base.items() for part in pair]
+    result = invoke("train", *TINY, *extra, "--iterations", 1, "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_class_with_one_image_is_a_clear_error(tmp_path):
+    root = tmp_path / "ds"
+    write_image_folder(root / "train", ["a", "b"], per_class=3)
+    write_image_folder(root / "train", ["lonely"], per_class=1, offset=5)
+    write_image_folder(root / "test", ["c", "d"], per_class=3, offset=2)
+    result = invoke("train", "--data", root, "--iterations", 1, "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 2 and "lonely" in result.output and "1 image" in result.output
+
+
+def test_unreadable_images_are_skipped_with_a_count(tiny_dataset, tmp_path):
+    (tiny_dataset / "train" / "train_0" / "broken.png").write_bytes(b"not a png")
+    (tiny_dataset / "test" / "test_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "run"
+    result = invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "last" / "card.json").read_text())
+    assert card["training_data"]["skipped_unreadable"] == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_cli_error(tiny_dataset, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "card.json").write_text("{")
+    result = invoke("evaluate", "--model", broken, "--data", tiny_dataset)
+    assert result.exit_code == 2 and "corrupt" in result.output and "Traceback" not in result.output
+
+
+def test_pretrained_export_is_a_loadable_1280d_model(tiny_dataset, tmp_path):
+    result = invoke("pretrained", tmp_path / "pre", "--image-size", 32)
+    assert result.exit_code == 0, result.output
+    evaluated = invoke(
+        "evaluate", "--model", tmp_path / "pre", "--data", tiny_dataset, "--workers", 0
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert metrics["recall@8"] >= metrics["recall@1"] > 0
+
+
+def _lookalike(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", *[str(a) for a in args]]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
+    """Kill a run mid-epoch with SIGKILL, rerun the same command: same final weights."""
+    common = ["train", "--data", tiny_dataset, "--method", "margin", "--epochs", 3,
+              "--set", "iterations_per_epoch=6", "--set", "checkpoint_every=2", "--lr", "1e-3",
+              "--eval-every", 0, *TINY, "--image-size", 64]  # fmt: skip
+    reference = tmp_path / "reference"
+    subprocess.run(_lookalike(*common, "--out", reference), check=True, capture_output=True)
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(_lookalike(*common, "--out", resumed),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (resumed / "state.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # the first snapshot is at batch 2 of 6: mid-epoch
+    process.wait()
+    assert not (resumed / "results.json").exists(), "the run finished before it could be killed"
+    snapshot = torch.load(resumed / "state.pt", weights_only=False)
+    assert 0 < snapshot["iteration"] < 18
+
+    finished = subprocess.run(_lookalike(*common, "--out", resumed), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stderr
+    expected = load_file(str(reference / "last" / "model.safetensors"))
+    actual = load_file(str(resumed / "last" / "model.safetensors"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(_free_port()),
+        "-m", "training.cli", "train", "--data", str(tiny_dataset), "--iterations", "3",
+        "--device", "cpu", "--out", str(out), "--set", "iterations_per_epoch=3", *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["iterations"] == 3
+    assert set(results["last"]["test"]) == METRIC_KEYS

@@ -1,0 +1,209 @@
+"""Self-describing model artifacts: `model.safetensors` + `card.json` in one directory.
+
+The card holds everything needed to rebuild and use the embedder (architecture, embedding
+dimension, preprocessing) plus what a user wants to know about it (method, data, metrics,
+versions). `load_embedder` needs nothing but the artifact; the service uses exactly it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.data.transforms import TransformConfig, build_test_transform
+from training.models.embedding import EmbeddingModel, ModelSpec
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "lookalike-model/1"
+EXTRA_PREFIX = "extra."
+
+
+class CheckpointError(ValueError):
+    """An artifact is missing, corrupt or of an unknown format; the message says which."""
+
+
+class Preprocessing(BaseModel):
+    """Test-time preprocessing the model was trained for."""
+
+    image_size: int
+    test_crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def transform_config(self) -> TransformConfig:
+        return TransformConfig(**self.model_dump())
+
+
+class ModelCard(BaseModel):
+    """The JSON card stored next to the weights."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = FORMAT
+    architecture: ModelSpec
+    embedding_dim: int
+    preprocessing: Preprocessing
+    method: dict[str, Any] = Field(default_factory=dict)
+    training_data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = ""
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("lookalike", "torch", "torchvision", "timm", "pytorch-metric-learning"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def save_artifact(
+    directory: Path,
+    model: EmbeddingModel,
+    card: ModelCard,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the artifact atomically: a reader sees the old complete artifact or the new one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    card = card.model_copy(
+        update={
+            "created_at": card.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            "library_versions": card.library_versions or library_versions(),
+        }
+    )
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    for name, tensor in (extra_tensors or {}).items():
+        tensors[EXTRA_PREFIX + name] = tensor.detach().cpu().contiguous()
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (staging / CARD_FILE).write_text(card.model_dump_json(indent=2))
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        target.rename(retired)
+        new.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def read_card(directory: Path) -> ModelCard:
+    directory = Path(directory)
+    card_path = directory / CARD_FILE
+    if not directory.is_dir() or not card_path.is_file():
+        raise CheckpointError(f"{directory} is not a lookalike model (no {CARD_FILE} in it)")
+    try:
+        card = ModelCard.model_validate(json.loads(card_path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"{card_path} is corrupt or of another format: {first}") from error
+    if card.format != FORMAT:
+        raise CheckpointError(f"{card_path} has format {card.format!r}, expected {FORMAT!r}")
+    return card
+
+
+def load_model(directory: Path) -> tuple[EmbeddingModel, ModelCard, dict[str, torch.Tensor]]:
+    """Rebuild the network from the artifact alone; returns (model in eval mode, card, extras)."""
+    directory = Path(directory)
+    card = read_card(directory)
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, FileNotFoundError, OSError) as error:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} is missing or corrupt: {error}"
+        ) from error
+    extras = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    model = EmbeddingModel(card.architecture, weights="none")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{directory} weights do not fit its card: {error}") from error
+    return model.eval(), card, extras
+
+
+class Embedder:
+    """Turns images into L2-normalised float32 embeddings exactly as the model was evaluated."""
+
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        card: ModelCard,
+        extras: dict[str, torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.card = card
+        self.extras = extras or {}
+        self.transform = build_test_transform(card.preprocessing.transform_config())
+
+    @property
+    def dimension(self) -> int:
+        return self.card.embedding_dim
+
+    def preprocess(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        """PIL image or uint8 CHW tensor -> normalised float tensor at the model's resolution."""
+        from training.data.image_dataset import decode_pil_image
+
+        tensor = decode_pil_image(image) if isinstance(image, Image.Image) else image
+        return self.transform(tensor)
+
+    @torch.inference_mode()
+    def embed(
+        self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor, batch_size: int = 64
+    ) -> np.ndarray:
+        """Embeddings (N, dim) for PIL images, raw uint8 tensors, or an already
+        preprocessed float batch (N, 3, H, W)."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        else:
+            prepared = [self.preprocess(image) for image in images]
+            batches = [
+                torch.stack(prepared[i : i + batch_size])
+                for i in range(0, len(prepared), batch_size)
+            ]
+        if not batches:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        outputs = []
+        for batch in batches:
+            batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+            outputs.append(self.model.embed(batch).cpu())
+        return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+
+
+def load_embedder(directory: Path, device: str | torch.device = "cpu") -> Embedder:
+    """The service's entry point: an `Embedder` built from a model artifact alone."""
+    model, card, extras = load_model(directory)
+    return Embedder(model, card, extras, device=device)

@@ -1,0 +1,325 @@
+"""`lookalike`: the command-line interface (typer). Thin: it parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    help="lookalike: deep metric learning (DiVA, DVML, Magnet) and image similarity search.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Wide tables even when stderr is not a terminal (logs, CI).
+console = Console(stderr=True, width=shutil.get_terminal_size((150, 24)).columns)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(command: F) -> F:
+    """Turn the library's input errors into a one-line message and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from training.checkpoint import CheckpointError
+        from training.config import ConfigError
+        from training.data.records import DatasetError
+        from training.engine.trainer import RunDirectoryError
+        from training.models.backbones import BackboneError
+
+        try:
+            return command(*args, **kwargs)
+        except (
+            BackboneError,
+            CheckpointError,
+            ConfigError,
+            DatasetError,
+            RunDirectoryError,
+            FloatingPointError,
+            ValueError,
+        ) as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _parse_params(pairs: list[str] | None) -> dict[str, Any]:
+    """`--param key=value` pairs; values are parsed as JSON where possible (numbers, lists)."""
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key.strip()] = raw
+    return params
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Annotated[
+        str,
+        typer.Option(
+            help="ImageFolder root with train/ and test/, or cub200:PATH, cars196:PATH, "
+            "sop:PATH, manifest:FILE"
+        ),
+    ],
+    method: Annotated[str | None, typer.Option(help="margin, triplet, contrastive, npair")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON or TOML file with training options")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="named preset, e.g. icons, cjk")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (resumes an interrupted run)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    iterations: Annotated[int | None, typer.Option(min=1)] = None,
+    time_budget: Annotated[
+        float | None, typer.Option(help="minutes of training, then stop")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="efficientnet_lite0, resnet50, resnet18")
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="imagenet, none, or a weights file")] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    embedding_dim: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    samples_per_class: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option(help="backbone learning rate")] = None,
+    head_lr: Annotated[float | None, typer.Option()] = None,
+    val_fraction: Annotated[float | None, typer.Option()] = None,
+    label_noise: Annotated[float | None, typer.Option(help="fraction of random labels")] = None,
+    max_classes: Annotated[int | None, typer.Option(help="first N classes of each split")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="epochs between validation passes")] = None,
+    eval_train: Annotated[bool | None, typer.Option(help="also report train-split metrics")] = None,
+    workers: Annotated[int | None, typer.Option(help="data loader processes")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="method hyperparameter KEY=VALUE (repeatable)")
+    ] = None,
+    set_option: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="any other training option KEY=VALUE (repeatable)"),
+    ] = None,
+) -> None:
+    """Train an embedding model; writes best/ and last/ model artifacts into --out."""
+    from training.config import resolve_config
+    from training.engine.trainer import Trainer
+    from training.evaluation.metrics import format_metrics_table
+
+    _setup_logging()
+    overrides = {
+        "data": data,
+        "method": method,
+        "out": out,
+        "epochs": epochs,
+        "iterations": iterations,
+        "time_budget_min": time_budget,
+        "device": device,
+        "backbone": backbone,
+        "weights": weights,
+        "image_size": image_size,
+        "embedding_dim": embedding_dim,
+        "batch_size": batch_size,
+        "samples_per_class": samples_per_class,
+        "lr": lr,
+        "head_lr": head_lr,
+        "val_fraction": val_fraction,
+        "label_noise": label_noise,
+        "max_classes": max_classes,
+        "eval_every": eval_every,
+        "eval_train": eval_train,
+        "num_workers": workers,
+        "seed": seed,
+        **_parse_params(set_option),
+        "method_params": _parse_params(param),
+    }
+    cfg = resolve_config(overrides, config_file=config, preset=preset)
+    trainer = Trainer(cfg)
+    console.print(
+        f"training [bold]{cfg.method}[/] on {trainer.data.dataset.name}: "
+        f"{trainer.data.train.num_classes} train classes / {len(trainer.data.train)} images, "
+        f"{trainer.total_iterations} iterations -> {trainer.out}",
+        highlight=False,
+    )
+    results = trainer.fit()
+    if results:
+        rows = {
+            f"{name} ({split})": results[name][split]
+            for name in ("best", "last")
+            for split in ("val", "test", "train")
+            if results[name].get(split)
+        }
+        console.print(format_metrics_table(rows, title=f"{cfg.method}: {trainer.out}"))
+
+
+def _load_split(data: str, split: str, max_classes: int | None):
+    from training.data.image_dataset import drop_unreadable
+    from training.data.readers import load_dataset
+
+    dataset = load_dataset(data)
+    if split not in ("train", "test"):
+        raise ValueError(f"--split must be train or test, got {split!r}")
+    chosen = getattr(dataset, split)
+    if max_classes:
+        chosen = chosen.select_classes(chosen.class_names[:max_classes])
+    chosen, skipped = drop_unreadable(chosen)
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} unreadable images[/]")
+    return chosen
+
+
+def _embed_split(
+    model_dir: Path,
+    data: str,
+    split: str,
+    max_classes: int | None,
+    device: str,
+    batch_size: int,
+    workers: int,
+):
+    from training.checkpoint import load_model
+    from training.engine.trainer import resolve_device
+    from training.evaluation.embed import compute_embeddings
+
+    model, card, _ = load_model(model_dir)
+    chosen = _load_split(data, split, max_classes)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    embeddings, labels = compute_embeddings(
+        model,
+        chosen,
+        card.preprocessing.transform_config(),
+        batch_size=batch_size,
+        num_workers=workers,
+        device=torch_device,
+    )
+    return embeddings, labels, chosen
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="model artifact directory")],
+    data: Annotated[str, typer.Option(help="dataset (same forms as train --data)")],
+    split: Annotated[str, typer.Option(help="test or train")] = "test",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write metrics here")] = None,
+    max_classes: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option()] = 128,
+    workers: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Leave-one-out retrieval and clustering metrics of a model on a dataset split."""
+    from training.evaluation.metrics import evaluate_embeddings, format_metrics_table
+
+    embeddings, labels, _ = _embed_split(
+        model, data, split, max_classes, device, batch_size, workers
+    )
+    metrics = evaluate_embeddings(embeddings, labels)
+    console.print(format_metrics_table({f"{model} ({split})": metrics}))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+
+
+@app.command()
+@_user_errors
+def embed(
+    model: Annotated[Path, typer.Option(help="model artifact directory")],
+    data: Annotated[str, typer.Option(help="dataset (same forms as train --data)")],
+    out: Annotated[Path, typer.Option(help=".npz file with embeddings, labels, paths")],
+    split: Annotated[str, typer.Option()] = "test",
+    max_classes: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    batch_size: Annotated[int, typer.Option()] = 128,
+    workers: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Embed a dataset split into an .npz file (arrays embeddings, labels, paths)."""
+    embeddings, labels, chosen = _embed_split(
+        model, data, split, max_classes, device, batch_size, workers
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out,
+        embeddings=embeddings,
+        labels=labels,
+        paths=np.array([str(p) for p in chosen.paths]),
+        class_names=np.array(chosen.class_names),
+    )
+    console.print(f"wrote {len(embeddings)} x {embeddings.shape[1]} embeddings to {out}")
+
+
+@app.command()
+@_user_errors
+def pretrained(
+    out: Annotated[Path, typer.Argument(help="where to write the model artifact")],
+    backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
+    image_size: Annotated[int, typer.Option()] = 224,
+    test_crop_pct: Annotated[float, typer.Option()] = 0.875,
+    pooling: Annotated[str, typer.Option()] = "avg",
+) -> None:
+    """Export the ImageNet-pretrained backbone (pooled features, untrained) as a model artifact."""
+    from training.checkpoint import ModelCard, Preprocessing, save_artifact
+    from training.models.embedding import EmbeddingModel, ModelSpec
+
+    model = EmbeddingModel(ModelSpec(backbone=backbone, pooling=pooling, head="identity"))
+    info = model.backbone_info
+    card = ModelCard(
+        architecture=model.spec,
+        embedding_dim=model.embedding_dim,
+        preprocessing=Preprocessing(
+            image_size=image_size,
+            test_crop_pct=test_crop_pct,
+            interpolation=info.interpolation,
+            mean=info.mean,
+            std=info.std,
+        ),
+        method={"name": "pretrained", "params": {"weights": "imagenet"}},
+    )
+    save_artifact(out, model, card)
+    console.print(f"wrote pretrained {backbone} ({model.embedding_dim}-d) to {out}")
+
+
+def _mount_data_commands() -> None:
+    from training.data.benchmarks.cli import app as data_app
+
+    app.add_typer(
+        data_app, name="data", help="Build the offline benchmarks (IconThemes, CJK-Fonts)."
+    )
+
+
+_mount_data_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

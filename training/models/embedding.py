@@ -1,0 +1,121 @@
+"""Backbone + pooling + head: the network every method trains and the service runs.
+
+The architecture is described by a plain dict (`ModelSpec.to_dict()`), stored in the
+checkpoint card, so a model can be rebuilt from its artifact alone. Method-specific heads
+(DiVA's four heads, DVML's encoders, ...) register themselves in `HEADS` by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from training.models.backbones import BackboneInfo, build_backbone
+
+
+class LinearHead(nn.Module):
+    """One linear projection to the embedding (Wu et al. 2017, Sec. 5: a single FC layer)."""
+
+    def __init__(self, feature_dim: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, embedding_dim)
+        self.embedding_dim = embedding_dim
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embedding": self.fc(features)}
+
+
+class IdentityHead(nn.Module):
+    """No head: the pooled backbone features are the embedding (the untrained baseline)."""
+
+    def __init__(self, feature_dim: int, embedding_dim: int = 0) -> None:
+        super().__init__()
+        self.embedding_dim = feature_dim
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embedding": features}
+
+
+HeadFactory = Callable[..., nn.Module]
+HEADS: dict[str, HeadFactory] = {"linear": LinearHead, "identity": IdentityHead}
+
+
+def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
+    """Class decorator that makes a head constructible from a checkpoint card by name."""
+
+    def decorate(factory: HeadFactory) -> HeadFactory:
+        HEADS[name] = factory
+        return factory
+
+    return decorate
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild the network's structure (not its weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = "efficientnet_lite0"
+    pooling: Literal["avg", "avgmax"] = "avg"  # DiVA uses average pooling only (methods.md §1.1)
+    head: str = "linear"
+    embedding_dim: int = Field(128, ge=0)  # Wu et al. 2017 / DiVA per-head size
+    head_options: dict[str, object] = Field(default_factory=dict)
+    frozen_bn: bool = False  # DiVA's R50 runs freeze BatchNorm (methods.md §1.1)
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone -> global pooling -> head; `embed` returns L2-normalised test-time embeddings."""
+
+    def __init__(self, spec: ModelSpec, weights: str = "imagenet") -> None:
+        super().__init__()
+        if spec.head not in HEADS:
+            raise ValueError(f"unknown head {spec.head!r}; known: {', '.join(sorted(HEADS))}")
+        self.spec = spec
+        self.backbone, self.info = build_backbone(spec.backbone, weights)
+        self.head = HEADS[spec.head](self.info.feature_dim, spec.embedding_dim, **spec.head_options)
+        self.embedding_dim: int = self.head.embedding_dim
+
+    @property
+    def backbone_info(self) -> BackboneInfo:
+        return self.info
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = feature_map.mean(dim=(2, 3))
+        if self.spec.pooling == "avgmax":  # GAP + GMP summed, Proxy-Anchor's trick (§4.4)
+            pooled = pooled + feature_map.amax(dim=(2, 3))
+        return pooled
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone(images)).float()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.features(images)
+        outputs = self.head(features)
+        outputs["features"] = features
+        return outputs
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Test-time embedding: the head's `embedding` output, L2-normalised, float32."""
+        return F.normalize(self.forward(images)["embedding"].float(), dim=-1)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if mode and self.spec.frozen_bn:
+            # Frozen BN as in DiVA: running statistics fixed, affine parameters still trained.
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role, so the optimiser can give backbone and head their own lr."""
+        return {
+            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+            "head": [p for p in self.head.parameters() if p.requires_grad],
+        }
