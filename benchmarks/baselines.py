@@ -57,8 +57,10 @@ def pretrained_row(dataset: str, data: Path, runs: Path) -> dict:
     return {"test": json.loads(out.read_text()), "images_per_s": None}
 
 
-def trained_row(dataset: str, method: str, data: Path, runs: Path, seed: int, extra: list[str]):
-    out = runs / f"{dataset}-{method}-s{seed}"
+def trained_row(
+    dataset: str, method: str, data: Path, runs: Path, seed: int, budget: float, extra: list[str]
+):
+    out = runs / f"{dataset}-{method}-{budget:g}min-s{seed}"
     if not (out / "results.json").exists():
         run(
             [
@@ -75,6 +77,8 @@ def trained_row(dataset: str, method: str, data: Path, runs: Path, seed: int, ex
                 "--seed",
                 str(seed),
                 "--eval-train",
+                "--time-budget",
+                str(budget),
                 *extra,
             ]
         )
@@ -94,10 +98,20 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=Path("data"))
     parser.add_argument("--runs", type=Path, default=Path("runs/baselines"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=12, help="minutes of training per run")
     parser.add_argument("extra", nargs="*", help="more options for lookalike train (after --)")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
-    header = ["benchmark", "method", "model", *COLUMNS, "train R@1", "img/s", "data wait"]
+    header = [
+        "benchmark",
+        "method",
+        "model",
+        *COLUMNS,
+        "train R@1",
+        "img/s",
+        "data wait",
+        "eval share",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for dataset in args.datasets:
         data = args.data_root / dataset
@@ -106,7 +120,9 @@ def main() -> None:
                 result = pretrained_row(dataset, data, args.runs)
                 picks = [("untrained", result)]
             else:
-                result = trained_row(dataset, method, data, args.runs, args.seed, args.extra)
+                result = trained_row(
+                    dataset, method, data, args.runs, args.seed, args.budget, args.extra
+                )
                 picks = [
                     (f"best-by-val (ep {result['best'].get('epoch')})", result["best"]),
                     (f"last (ep {result['last'].get('epoch')})", result["last"]),
@@ -123,6 +139,9 @@ def main() -> None:
                     fmt(train.get("recall@1")),
                     fmt(result.get("images_per_s")),
                     "-" if wait is None else f"{wait:.1%}",
+                    "-"
+                    if result.get("eval_fraction") is None
+                    else f"{result['eval_fraction']:.0%}",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
             print("\n".join(lines), flush=True)

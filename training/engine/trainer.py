@@ -565,6 +565,7 @@ class Trainer:
         }
         last_epoch = self.iteration >= self.total_iterations
         if self.rank == 0:
+            eval_started = time.perf_counter()
             due = cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0
             if self.data.val is not None and (due or last_epoch):
                 record["val"] = self.evaluate_split(self.data.val)
@@ -574,6 +575,7 @@ class Trainer:
                     self._save_model("best", {"epoch": self.epoch, "val": record["val"]})
             if cfg.eval_test_every and (self.epoch + 1) % cfg.eval_test_every == 0:
                 record["test"] = self.evaluate_split(self.data.test)
+            record["eval_s"] = time.perf_counter() - eval_started
             self._save_model("last", {"epoch": self.epoch, "val": record.get("val")})
             self.elapsed = time.perf_counter() - started
             record["elapsed_s"] = self.elapsed
@@ -608,6 +610,8 @@ class Trainer:
             throughput = [r["images_per_s"] for r in self.history if r.get("images_per_s")]
             waits = [r["data_wait_fraction"] for r in self.history if "data_wait_fraction" in r]
             results["images_per_s"] = float(np.mean(throughput)) if throughput else None
+            eval_s = sum(r.get("eval_s", 0.0) for r in self.history)
+            results["eval_fraction"] = eval_s / max(self.elapsed, 1e-9)
             results["data_wait_fraction"] = float(np.mean(waits)) if waits else None
             results["iterations"] = self.iteration
             results["epochs"] = self.epoch
