@@ -79,6 +79,21 @@ def test_validation_split_keeps_two_classes_on_each_side():
     assert (train.num_classes, val.num_classes) == (2, 2)
 
 
+def test_validation_split_can_keep_name_prefix_groups_together():
+    names = [
+        f"{group}-{i}" for group in ("media", "go", "edit", "weather", "mail") for i in range(4)
+    ]
+    split = Split.from_named([(Path(f"{n}/0.png"), n) for n in names for _ in range(2)])
+
+    for seed in range(5):
+        train, val = class_disjoint_split(split, 0.25, seed=seed, group_separator="-")
+        train_groups = {n.split("-")[0] for n in train.class_names}
+        val_groups = {n.split("-")[0] for n in val.class_names}
+        assert not train_groups & val_groups
+        assert val.num_classes == 8  # 25% of 20 classes is 5: whole groups of 4 overshoot to 8
+        assert train.num_classes + val.num_classes == 20
+
+
 # randomize_labels -----------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ versions). `load_embedder` needs nothing but the artifact; the service uses exac
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.data.transforms import TransformConfig, build_test_transform
+from training.fsutil import fsync_tree, replace_directory
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 CARD_FILE = "card.json"
@@ -98,24 +98,11 @@ def save_artifact(
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         (staging / CARD_FILE).write_text(card.model_dump_json(indent=2))
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _replace_directory(staging, directory)
+        fsync_tree(staging)
+        replace_directory(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        target.rename(retired)
-        new.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 def read_card(directory: Path) -> ModelCard:
@@ -145,6 +132,8 @@ def load_model(directory: Path) -> tuple[EmbeddingModel, ModelCard, dict[str, to
         ) from error
     extras = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    import training.methods  # noqa: F401  (registers the heads that methods add)
+
     model = EmbeddingModel(card.architecture, weights="none")
     try:
         model.load_state_dict(state, strict=True)

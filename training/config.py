@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(112, ge=2)  # DiVA, methods.md §1.4
     samples_per_class: int = Field(2, ge=2)  # DiVA: 56 classes x 2 images (§1.4)
     val_fraction: float = Field(0.25, ge=0, lt=1)  # one of MLRC's 4 class-disjoint folds (§4.4)
+    val_group_separator: str | None = None  # keep classes sharing a name prefix on one side
     label_noise: float = Field(0.0, ge=0, le=1)  # Zhang et al. 2017 memorisation check
     max_classes: int | None = Field(None, ge=2)  # first N classes (sorted) of each split
     num_workers: int = Field(2, ge=0)

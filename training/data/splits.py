@@ -16,12 +16,19 @@ MLRC_VALIDATION_FRACTION = 0.25
 
 
 def class_disjoint_split(
-    split: Split, val_fraction: float = MLRC_VALIDATION_FRACTION, seed: int = 0
+    split: Split,
+    val_fraction: float = MLRC_VALIDATION_FRACTION,
+    seed: int = 0,
+    group_separator: str | None = None,
 ) -> tuple[Split, Split]:
     """Split whole classes into (train, validation), about `val_fraction` of the classes held out.
 
     Classes are drawn from their sorted names with a seeded generator, so the result depends only
-    on the class names and the seed, not on the order of files or labels.
+    on the class names and the seed, not on the order of files or labels. With a
+    `group_separator`, classes sharing the name part before it (`media-` in
+    `media-playback-start`) move together, so validation mirrors a test split that shares no
+    name prefix with training (IconThemes, data.md); otherwise validation would be easier than
+    test and select models that do not transfer.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -33,10 +40,24 @@ def class_disjoint_split(
         )
     names = sorted(split.class_names)
     num_val = min(max(round(val_fraction * len(names)), 2), len(names) - 2)
-    order = np.random.default_rng(seed).permutation(len(names))
-    val_names = sorted(names[i] for i in order[:num_val])
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = name.split(group_separator, 1)[0] if group_separator else name
+        groups.setdefault(key, []).append(name)
+    group_keys = sorted(groups)
+    val_names: list[str] = []
+    for index in np.random.default_rng(seed).permutation(len(group_keys)):
+        if len(val_names) >= num_val:
+            break
+        candidate = groups[group_keys[index]]
+        if len(names) - len(val_names) - len(candidate) >= 2:
+            val_names.extend(candidate)
+    if len(val_names) < 2:
+        raise DatasetError(
+            f"grouping classes by {group_separator!r} leaves too few groups for validation"
+        )
     train_names = sorted(set(names) - set(val_names))
-    return split.select_classes(train_names), split.select_classes(val_names)
+    return split.select_classes(train_names), split.select_classes(sorted(val_names))
 
 
 def randomize_labels(split: Split, fraction: float, seed: int = 0) -> Split:

@@ -100,7 +100,9 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     check_trainable(train)
     val = None
     if cfg.val_fraction > 0:
-        train, val = class_disjoint_split(train, cfg.val_fraction, seed=cfg.seed)
+        train, val = class_disjoint_split(
+            train, cfg.val_fraction, seed=cfg.seed, group_separator=cfg.val_group_separator
+        )
     noisy = randomize_labels(train, cfg.label_noise, seed=cfg.seed) if cfg.label_noise else train
     return RunData(dataset, noisy, train, val, test, skipped)
 
@@ -244,19 +246,19 @@ class Trainer:
             std=info.std,
         )
         self.model.to(self.device)
-        self.method.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.iterations_per_epoch = cfg.iterations_per_epoch or max(
+            1, len(train) // cfg.batch_size // self.world_size
+        )
+        self.total_iterations = cfg.iterations or self.iterations_per_epoch * (cfg.epochs or 20)
+        self.method.setup(self)
+        self.method.to(self.device)
         self.step_module: nn.Module = TrainStep(self.model, self.method)
         if self.distributed:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, find_unused_parameters=True
             )
-
-        self.iterations_per_epoch = cfg.iterations_per_epoch or max(
-            1, len(train) // cfg.batch_size // self.world_size
-        )
-        self.total_iterations = cfg.iterations or self.iterations_per_epoch * (cfg.epochs or 20)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

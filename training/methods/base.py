@@ -52,7 +52,12 @@ class Method(nn.Module):
         return {"name": self.name, "params": self.params}
 
     # Hooks; the defaults do nothing.
-    def on_train_start(self, trainer: Trainer) -> None: ...
+    def setup(self, trainer: Trainer) -> None:
+        """Called once the model exists, before the optimiser is built and before a resumed
+        run's state is loaded: create state that depends on the model (e.g. a momentum copy)."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called before the first iteration of a fresh run (not on resume)."""
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
 

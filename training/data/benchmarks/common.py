@@ -23,6 +23,7 @@ from PIL import Image, features
 from tqdm.auto import tqdm
 
 from training.data.records import DatasetError
+from training.fsutil import replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def staged_output(out: Path) -> Iterator[Path]:
         raise DatasetError(f"cannot write to {out.parent}: {error.strerror}") from error
     try:
         yield staging
-        _replace(out, staging)
+        replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -131,16 +132,6 @@ def ensure_replaceable(out: Path) -> None:
         raise DatasetError(f"cannot create {out.parent}: {error.strerror}") from error
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise DatasetError(f"cannot write to {out.parent}; choose another output folder")
-
-
-def _replace(out: Path, staging: Path) -> None:
-    if out.exists():
-        retired = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(retired)
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _remove_stale_siblings(out: Path) -> None:
