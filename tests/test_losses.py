@@ -331,7 +331,8 @@ def test_build_loss_rejects_unknown_names_and_parameters() -> None:
 
 
 def test_build_miner_rejects_unknown_names_and_parameters() -> None:
-    with pytest.raises(ValueError, match="batch_hard, distance, random, semihard"):
+    known = "batch_hard, distance, intra_random, random, random_distance, semihard, shared_neg"
+    with pytest.raises(ValueError, match=known):
         build_miner("hardest")
     with pytest.raises(ValueError, match=r"cutoff.*accepted: lower_cutoff, upper_cutoff"):
         build_miner("distance", cutoff=0.5)

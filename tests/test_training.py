@@ -134,6 +134,17 @@ def test_bad_training_arguments_end_in_one_line_errors(tiny_dataset, tmp_path, a
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_max_classes_validates_on_training_classes_it_leaves_out(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", out,
+                    "--max-classes", 4, "--val-fraction", 0.5, *TINY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "last" / "card.json").read_text())["training_data"]
+    assert data["train"] == {"classes": 4, "images": 24}  # all of train_0 .. train_3
+    assert data["val"]["classes"] == 2  # two of train_4 .. train_7
+    assert data["test"]["classes"] == 4
+
+
 def test_a_class_with_one_image_is_a_clear_error(tmp_path):
     root = tmp_path / "ds"
     write_image_folder(root / "train", ["a", "b"], per_class=3)

@@ -94,15 +94,28 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     skipped = skipped_train + skipped_test
     if skipped:
         log.warning("skipped %d unreadable images, e.g. %s (%s)", len(skipped), *skipped[0])
+    spare = None
     if cfg.max_classes:
+        spare = train.select_classes(train.class_names[cfg.max_classes :])
         train = train.select_classes(train.class_names[: cfg.max_classes])
         test = test.select_classes(test.class_names[: cfg.max_classes])
     check_trainable(train)
     val = None
     if cfg.val_fraction > 0:
-        train, val = class_disjoint_split(
-            train, cfg.val_fraction, seed=cfg.seed, group_separator=cfg.val_group_separator
-        )
+        val_classes = round(cfg.val_fraction * train.num_classes)
+        if spare is not None and spare.num_classes - 2 >= val_classes >= 2:
+            # Training classes that max_classes leaves out make the validation fold, so the
+            # model still trains on all of the first N classes (how data.md's figures were made).
+            _, val = class_disjoint_split(
+                spare,
+                val_classes / spare.num_classes,
+                seed=cfg.seed,
+                group_separator=cfg.val_group_separator,
+            )
+        else:
+            train, val = class_disjoint_split(
+                train, cfg.val_fraction, seed=cfg.seed, group_separator=cfg.val_group_separator
+            )
     noisy = randomize_labels(train, cfg.label_noise, seed=cfg.seed) if cfg.label_noise else train
     return RunData(dataset, noisy, train, val, test, skipped)
 
@@ -428,10 +441,12 @@ class Trainer:
             metrics=metrics,
         )
 
-    def _save_model(self, name: str, metrics: dict[str, Any]) -> Path:
-        return save_artifact(
-            self.out / name, self.model, self._card(metrics), self.method.artifact_tensors()
-        )
+    def _save_model(
+        self, name: str, metrics: dict[str, Any], extras: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Save the current weights; `extras` default to the method's current tensors."""
+        tensors = self.method.artifact_tensors() if extras is None else extras
+        return save_artifact(self.out / name, self.model, self._card(metrics), tensors)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -600,13 +615,13 @@ class Trainer:
                 shutil.rmtree(self.out / "best", ignore_errors=True)
                 shutil.copytree(self.out / "last", self.out / "best")
             for name in ("best", "last"):
-                model, card, _ = load_model(self.out / name)
+                model, card, extras = load_model(self.out / name)
                 self.model.load_state_dict(model.state_dict())
                 metrics = dict(card.metrics)
                 metrics["test"] = self.evaluate_split(self.data.test)
                 if self.cfg.eval_train:
                     metrics["train"] = self.evaluate_split(self.data.train_clean, clustering=False)
-                self._save_model(name, metrics)
+                self._save_model(name, metrics, extras)
                 results[name] = metrics
             results["selected_by"] = f"val {self.cfg.select_metric}" if self.data.val else "last"
             throughput = [r["images_per_s"] for r in self.history if r.get("images_per_s")]

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from training.losses import diva_miners  # noqa: F401  (registers DiVA's miners in MINERS)
 from training.losses.contrastive import ContrastiveLoss
 from training.losses.margin import MarginLoss
 from training.losses.miners import MINERS, TripletMiner, build_from_registry, build_miner

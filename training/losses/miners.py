@@ -29,7 +29,8 @@ class TripletMiner(ABC):
     """Base class: mines on L2-normalised, detached float32 embeddings (never builds a graph)."""
 
     def __call__(self, embeddings: Tensor, labels: Tensor) -> Triplets:
-        with torch.no_grad():
+        # Full precision even under bf16 autocast: distance weights exponentiate ~D * log d.
+        with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
             return self.mine(F.normalize(embeddings.detach().float(), dim=1), labels)
 
     @abstractmethod

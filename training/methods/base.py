@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -81,6 +82,16 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def build_method(name: str, *, num_classes: int, embedding_dim: int, **params: Any) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name](num_classes=num_classes, embedding_dim=embedding_dim, **params)
+    """A method by name; unknown names and hyperparameters are `ValueError`s naming the choices.
+
+    Methods that take `**params` (the baselines) pass them on to a registry that checks them."""
+    from training.losses.miners import build_from_registry
+
+    context = {"num_classes": num_classes, "embedding_dim": embedding_dim}
+    method_class = METHODS.get(name)
+    forwards_params = method_class is not None and any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(method_class).parameters.values()
+    )
+    if forwards_params:
+        return method_class(**context, **params)
+    return build_from_registry(METHODS, "method", name, params, context)

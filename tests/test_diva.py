@@ -1,0 +1,414 @@
+"""DiVA (methods.md §1): its losses, miners, head, momentum encoder and queue, and a CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+import training.methods.diva  # noqa: F401  (registers the method, its head and its miners)
+from training.checkpoint import load_embedder
+from training.cli import app
+from training.config import TrainConfig
+from training.data.readers import load_dataset
+from training.data.transforms import TransformConfig
+from training.losses.dance import AdversarialDecorrelation, DaNCELoss, reverse_gradient
+from training.losses.diva_miners import (
+    IntraClassRandomMiner,
+    RandomPermutedDistanceMiner,
+    SharedNegativeDistanceMiner,
+)
+from training.losses.miners import MINERS, build_miner
+from training.methods.base import Batch
+from training.methods.diva import HEAD_NAMES, DiVA, DiVAHead
+
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def unit(*rows: list[float]) -> torch.Tensor:
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=1)
+
+
+def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, **config):
+    """What DiVA's hooks read from a trainer, around a flatten + DiVA-head "network"."""
+    cfg = TrainConfig(
+        data="unused",
+        batch_size=batch_size,
+        samples_per_class=2,
+        num_workers=0,
+        image_size=32,
+        channels_last=False,
+        **config,
+    )
+    model = nn.Sequential(nn.Flatten(), DiVAHead(feature_dim, head_dim))
+    return SimpleNamespace(
+        model=model,
+        cfg=cfg,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        transform=TransformConfig(image_size=32),
+    )
+
+
+def diva_with_setup(trainer, head_dim: int = 4, **params) -> DiVA:
+    method = DiVA(num_classes=4, embedding_dim=head_dim, **params)
+    method.setup(trainer)
+    return method
+
+
+# ---------------------------------------------------------------- gradient reversal, decorrelation
+def test_gradient_reversal_is_identity_forward_and_negates_the_gradient():
+    x = torch.randn(3, 5, requires_grad=True)
+    upstream = torch.randn(3, 5)
+    (reverse_gradient(x) * upstream).sum().backward()
+    reversed_grad = x.grad.clone()
+    x.grad = None
+    (x * upstream).sum().backward()
+    torch.testing.assert_close(reverse_gradient(x), x)
+    torch.testing.assert_close(x.grad, upstream)
+    torch.testing.assert_close(reversed_grad, -upstream)
+
+
+def identity_regressors(decorrelation: AdversarialDecorrelation) -> None:
+    """xi(z) = relu(z): both linear layers identity, no bias."""
+    for regressor in decorrelation.regressors.values():
+        for layer in (regressor[0], regressor[2]):
+            nn.init.eye_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def test_decorrelation_loss_matches_hand_computation_and_reverses_only_encoder_gradients():
+    decorrelation = AdversarialDecorrelation(
+        [("source", "target")], [2.0], 2, hidden_dim=2
+    ).double()
+    identity_regressors(decorrelation)
+    # Inputs are L2-normalised first: (3, 4) -> (0.6, 0.8). xi = relu, then normalised:
+    # row 1: (0.6, 0.8) against target (1, 0): squared products (0.36, 0) -> mean 0.18;
+    # row 2: relu(-0.6, 0.8) = (0, 0.8) -> (0, 1) against (0.6, 0.8): (0, 0.64) -> mean 0.32.
+    # l = -rho * mean(0.18, 0.32) = -2 * 0.25.
+    source = torch.tensor([[3.0, 4.0], [-0.6, 0.8]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64, requires_grad=True)
+    terms = decorrelation({"source": source, "target": target})
+    assert list(terms) == ["source-target"]
+    assert terms["source-target"].item() == pytest.approx(-0.5)
+
+    terms["source-target"].backward()
+    regressor = decorrelation.regressors["source-target"]
+    reversed_grads = [source.grad.clone(), target.grad.clone(), regressor[0].weight.grad.clone()]
+    for tensor in (source, target, regressor[0].weight):
+        tensor.grad = None
+    # The same loss written out without the reversal layer.
+    predicted = F.normalize(regressor(F.normalize(source, dim=-1)), dim=-1)
+    plain = -2.0 * (F.normalize(target, dim=-1) * predicted).square().mean()
+    plain.backward()
+    torch.testing.assert_close(reversed_grads[0], -source.grad)
+    torch.testing.assert_close(reversed_grads[1], -target.grad)
+    torch.testing.assert_close(reversed_grads[2], regressor[0].weight.grad)  # xi learns normally
+
+
+# ---------------------------------------------------------------- DaNCE
+def log_inverse_density(d: float, dim: int = 4) -> float:
+    return (2 - dim) * math.log(d) - (dim - 3) / 2 * math.log(1 - d * d / 4)
+
+
+def test_dance_loss_matches_hand_computation_with_per_row_weights():
+    tau = 0.1
+    queries = unit([1, 0, 0, 0], [0, 1, 0, 0])
+    keys = unit([0.2, math.sqrt(0.96), 0, 0], [0, 0.3, math.sqrt(0.91), 0])
+    queue = unit(
+        [0.5, math.sqrt(0.75), 0, 0],  # q1.c = 0.5 (d = 1); q2.c = 0.866 (d = 0.518)
+        [-0.5, 0, math.sqrt(0.75), 0],  # q1.c = -0.5 (d = 1.73 > 1.4: weight 0); q2.c = 0
+        [0.8, 0, 0, 0.6],  # q1.c = 0.8 (d = 0.632); q2.c = 0 (d = 1.414 > 1.4: weight 0)
+        [0, 0.95, math.sqrt(1 - 0.95**2), 0],  # q1.c = 0 (weight 0); q2.c = 0.95, d -> 0.5
+    )
+    loss = DaNCELoss(temperature=tau)(queries, keys, queue)
+
+    # Row 1: the kept keys 1 and 3 share the weight; key 2 has weight 0 but similarity -0.5, so
+    # its logit is 0 (exp(0) = 1 in the denominator), not -0.5 / tau.
+    a, b = math.exp(log_inverse_density(1.0)), math.exp(log_inverse_density(math.sqrt(0.4)))
+    row1 = [0.2, 0.5 * a / (a + b), 0.0, 0.8 * b / (a + b), 0.0]
+    # Row 2: keys 1 and 4 (distance 0.316 clamped to 0.5) share the weight.
+    c = math.exp(log_inverse_density(math.sqrt(2 - 2 * math.sqrt(0.75))))
+    d = math.exp(log_inverse_density(0.5))
+    row2 = [0.3, math.sqrt(0.75) * c / (c + d), 0.0, 0.0, 0.95 * d / (c + d)]
+
+    def cross_entropy(logits: list[float]) -> float:
+        return -logits[0] / tau + math.log(sum(math.exp(x / tau) for x in logits))
+
+    expected = (cross_entropy(row1) + cross_entropy(row2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    # Dropping the zero-weighted keys instead would give a different (lower) loss.
+    dropped = (cross_entropy([x for i, x in enumerate(row1) if i != 2 and i != 4]) +
+               cross_entropy(row2[:2] + row2[4:])) / 2  # fmt: skip
+    assert dropped < expected - 0.005
+
+
+def test_dance_gradient_reaches_only_the_queries():
+    queries = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1).requires_grad_()
+    keys = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1).requires_grad_()
+    DaNCELoss()(queries, keys, queue).backward()
+    assert queries.grad is not None and queries.grad.abs().sum() > 0
+    assert keys.grad is None and queue.grad is None
+
+
+# ---------------------------------------------------------------- miners
+def test_diva_miners_are_registered_by_their_diva_names():
+    assert MINERS["random_distance"] is RandomPermutedDistanceMiner
+    assert MINERS["shared_neg_distance"] is SharedNegativeDistanceMiner
+    assert isinstance(build_miner("intra_random"), IntraClassRandomMiner)
+
+
+def test_intra_miner_draws_all_three_from_one_class_with_replacement():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3])
+    embeddings = torch.randn(8, 4)
+    miner = IntraClassRandomMiner(generator=torch.Generator().manual_seed(0))
+    draws = [miner(embeddings, labels) for _ in range(20)]
+    anchors, positives, negatives = (torch.cat([draw[i] for draw in draws]) for i in range(3))
+    assert len(anchors) == 20 * 8  # B triplets per call
+    assert torch.equal(labels[anchors], labels[positives])
+    assert torch.equal(labels[anchors], labels[negatives])
+    assert (anchors == positives).any()  # drawn with replacement: degenerate triplets occur
+    assert set(labels[anchors].tolist()) == {0, 1, 2, 3}
+    # Class 3 has a single image, so its triplets are (7, 7, 7).
+    in_class_3 = labels[anchors] == 3
+    assert in_class_3.any() and (positives[in_class_3] == 7).all()
+
+
+def test_permuted_miner_positives_share_the_permuted_label():
+    embeddings = F.normalize(torch.randn(8, 16), dim=1)
+    miner = RandomPermutedDistanceMiner(generator=torch.Generator().manual_seed(5))
+    permuted = RandomPermutedDistanceMiner(generator=torch.Generator().manual_seed(5)).permute(
+        LABELS
+    )
+    anchors, positives, negatives = miner(embeddings, LABELS)
+    assert sorted(permuted.tolist()) == sorted(LABELS.tolist())
+    assert len(anchors) == 8  # every permuted label still occurs twice
+    assert (anchors != positives).all()
+    assert torch.equal(permuted[anchors], permuted[positives])
+    assert (permuted[anchors] != permuted[negatives]).all()
+    assert (LABELS[anchors] != LABELS[positives]).any()  # "positives" from other true classes
+
+
+def test_shared_negative_miner_takes_the_positive_from_a_third_class():
+    embeddings = F.normalize(torch.randn(8, 16), dim=1)
+    miner = SharedNegativeDistanceMiner(generator=torch.Generator().manual_seed(1))
+    anchors, positives, negatives = miner(embeddings, LABELS)
+    assert torch.equal(anchors, torch.arange(8))
+    assert (LABELS[negatives] != LABELS[anchors]).all()
+    assert (LABELS[positives] != LABELS[anchors]).all()
+    assert (LABELS[positives] != LABELS[negatives]).all()
+    two_classes = torch.tensor([0, 0, 1, 1])
+    assert all(len(part) == 0 for part in miner(embeddings[:4], two_classes))
+
+
+# ---------------------------------------------------------------- margin losses and beta
+def margin_by_hand(embeddings, beta_labels, beta, triplets, margin=0.2):
+    a, p, n = triplets
+    total, active = 0.0, 0
+    for i, j, k in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
+        b = beta[beta_labels[i]].item()
+        d_ap = math.sqrt(((embeddings[i] - embeddings[j]) ** 2).sum().item() + 1e-8)
+        d_an = math.sqrt(((embeddings[i] - embeddings[k]) ** 2).sum().item() + 1e-8)
+        for hinge in (d_ap - b + margin, b - d_an + margin):
+            total += max(hinge, 0.0)
+            active += hinge > 0
+    return total / max(active, 1)
+
+
+@pytest.mark.parametrize("task", ["shared", "intra"])
+def test_shared_and_intra_margin_losses_index_beta_by_the_original_label(task):
+    method = DiVA(num_classes=4, embedding_dim=16)
+    loss = getattr(method, f"{task}_loss")
+    betas = torch.tensor([0.3, 0.8, 1.3, 1.8])
+    with torch.no_grad():
+        loss.beta.copy_(betas)
+    embeddings = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)), dim=1)
+    torch.manual_seed(0)
+    value = loss(embeddings, LABELS).item()
+    torch.manual_seed(0)
+    triplets = loss.miner(embeddings, LABELS)
+    assert value == pytest.approx(margin_by_hand(embeddings, LABELS, betas, triplets), rel=1e-5)
+    if task == "shared":
+        torch.manual_seed(0)
+        permuted = loss.miner.permute(LABELS)  # the miner's first draw is this permutation
+        wrong = margin_by_hand(embeddings, permuted, betas, triplets)
+        assert value != pytest.approx(wrong, rel=1e-3)
+
+
+def test_each_margin_task_has_its_own_betas_and_the_published_learning_rates():
+    method = DiVA(num_classes=5, embedding_dim=8)
+    groups = method.parameter_groups()
+    betas, beta_lr = groups["betas"]
+    assert beta_lr == 5e-4 and len(betas) == 3 and len({id(b) for b in betas}) == 3
+    assert all(b.shape == (5,) and torch.all(b == 1.2) for b in betas)
+    regressors, regressor_lr = groups["decorrelation"]
+    assert regressor_lr == 1e-5
+    assert len(regressors) == 3 * 4  # three 8-512-8 regressors, two Linear layers each
+    assert regressors[0].shape == (512, 8)
+    assert method.decorrelation.weights == [1500.0, 1500.0, 1500.0]
+
+
+def test_unknown_sharing_mode_is_refused():
+    with pytest.raises(ValueError, match="sharing"):
+        DiVA(num_classes=4, embedding_dim=8, sharing="full")
+
+
+# ---------------------------------------------------------------- head
+def test_test_time_embedding_is_the_weighted_concatenation_renormalised():
+    head = DiVAHead(6, 4, weights=(0.5, 1.0, 1.5, 2.0))
+    features = torch.randn(3, 6)
+    outputs = head(features)
+    assert head.embedding_dim == 16 and outputs["embedding"].shape == (3, 16)
+    for name in HEAD_NAMES:
+        linear = head.projections[name]
+        torch.testing.assert_close(outputs[name], F.normalize(linear(features), dim=1))
+    # Each head is unit-norm, so the concatenation has norm sqrt(0.25 + 1 + 2.25 + 4).
+    expected = torch.cat(
+        [0.5 * outputs["discriminative"], outputs["selfsimilarity"],
+         1.5 * outputs["shared"], 2.0 * outputs["intra"]], dim=1,
+    ) / math.sqrt(7.5)  # fmt: skip
+    torch.testing.assert_close(outputs["embedding"], expected)
+    with pytest.raises(ValueError, match="one weight per head"):
+        DiVAHead(6, 4, weights=(1.0, 1.0))
+
+
+# ---------------------------------------------------------------- momentum encoder and queue
+def test_key_model_is_a_frozen_eval_mode_copy_saved_in_the_state_dict():
+    trainer = tiny_trainer()
+    method = diva_with_setup(trainer, n_key_batches=3)
+    assert method.queue.shape == (3 * 4, 4)
+    method.train()
+    assert not method.key_model.training
+    assert not any(p.requires_grad for p in method.key_model.parameters())
+    for key, online in zip(method.key_model.parameters(), trainer.model.parameters(), strict=True):
+        assert torch.equal(key, online) and key.data_ptr() != online.data_ptr()
+
+    with torch.no_grad():
+        method.queue.normal_()
+        next(method.key_model.parameters()).add_(1.0)
+    restored = diva_with_setup(tiny_trainer(), n_key_batches=3)
+    restored.load_state_dict(method.state_dict())
+    torch.testing.assert_close(restored.queue, method.queue)
+    torch.testing.assert_close(
+        next(restored.key_model.parameters()), next(method.key_model.parameters())
+    )
+
+
+def test_momentum_update_follows_the_formula():
+    trainer = tiny_trainer()
+    method = diva_with_setup(trainer)
+    online = trainer.model
+    with torch.no_grad():
+        for parameter in online.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = [p.clone() for p in method.key_model.parameters()]
+    method.momentum_update(online)
+    for key, old, query in zip(method.key_model.parameters(), before, online.parameters(),
+                               strict=True):  # fmt: skip
+        torch.testing.assert_close(key, 0.9 * old + 0.1 * query)
+
+
+def test_queue_is_first_in_first_out():
+    method = diva_with_setup(tiny_trainer(), n_key_batches=2)  # 8 keys of dimension 4
+    with torch.no_grad():
+        method.queue.copy_(torch.arange(32.0).reshape(8, 4))
+    new_keys = -torch.arange(12.0).reshape(3, 4)
+    method.enqueue(new_keys)
+    torch.testing.assert_close(
+        method.queue, torch.cat([torch.arange(12.0, 32.0).reshape(5, 4), new_keys])
+    )
+
+
+def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_queue():
+    trainer = tiny_trainer(batch_size=8)
+    method = diva_with_setup(trainer, n_key_batches=2)
+    with torch.no_grad():
+        method.queue.copy_(F.normalize(torch.randn(16, 4), dim=1))
+    view_a, view_b = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    batch = Batch([view_a, view_b], LABELS, torch.arange(8))
+    queue_before = method.queue.clone()
+    total, logs = method.training_step(trainer.model, batch)
+
+    assert set(logs) == {
+        "loss_discriminative", "loss_selfsimilarity", "loss_shared", "loss_intra",
+        "decorrelation_selfsimilarity-discriminative", "decorrelation_shared-discriminative",
+        "decorrelation_intra-discriminative",
+    }  # fmt: skip
+    expected = (
+        logs["loss_discriminative"]
+        + 0.3 * (logs["loss_selfsimilarity"] + logs["loss_shared"] + logs["loss_intra"])
+        + sum(v for k, v in logs.items() if k.startswith("decorrelation_"))
+    )
+    torch.testing.assert_close(total.detach(), expected)
+
+    keys = method.key_model(view_b)["selfsimilarity"]
+    key_before = [p.clone() for p in method.key_model.parameters()]
+    total.backward()
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.sub_(0.1 * parameter.grad)
+    method.on_step_end(trainer)
+    torch.testing.assert_close(method.queue, torch.cat([queue_before[8:], keys]))
+    for key, old, query in zip(method.key_model.parameters(), key_before,
+                               trainer.model.parameters(), strict=True):  # fmt: skip
+        torch.testing.assert_close(key, 0.9 * old + 0.1 * query)
+
+
+def test_queue_is_filled_from_training_batches_without_touching_the_global_rng(tiny_dataset):
+    def filled_queue() -> torch.Tensor:
+        torch.manual_seed(0)
+        trainer = tiny_trainer(feature_dim=3 * 32 * 32, head_dim=8, batch_size=4, seed=3)
+        trainer.data = SimpleNamespace(train=load_dataset(str(tiny_dataset)).train)
+        method = diva_with_setup(trainer, head_dim=8, n_key_batches=2)
+        rng = torch.get_rng_state()
+        method.on_train_start(trainer)
+        assert torch.equal(torch.get_rng_state(), rng)
+        return method.queue
+
+    queue = filled_queue()
+    assert queue.shape == (2 * 4, 8)
+    torch.testing.assert_close(queue.norm(dim=1), torch.ones(8))
+    assert len({tuple(row.tolist()) for row in queue}) == 8  # eight different images or crops
+    torch.testing.assert_close(filled_queue(), queue)  # reproducible
+
+
+# ---------------------------------------------------------------- end to end
+TINY = [
+    "--image-size", "32", "--batch-size", "8", "--samples-per-class", "2",
+    "--workers", "0", "--embedding-dim", "16", "--set", "eval_batch_size=32",
+]  # fmt: skip
+
+
+def test_diva_trains_from_the_cli_and_its_checkpoint_evaluates_and_loads(tiny_dataset, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "diva"
+    result = runner.invoke(app, [
+        "train", "--data", str(tiny_dataset), "--method", "diva", "--iterations", "2",
+        "--out", str(out), "--param", "n_key_batches=1", *TINY,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["iterations"] == 2
+    card = json.loads((out / "best" / "card.json").read_text())
+    assert card["method"]["name"] == "diva"
+    assert card["architecture"]["head"] == "diva" and card["embedding_dim"] == 64
+
+    evaluated = runner.invoke(app, ["evaluate", "--model", str(out / "best"), "--data",
+                                    str(tiny_dataset), "--workers", "0"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert 0 < json.loads(evaluated.stdout.strip().splitlines()[-1])["recall@1"] <= 1
+
+    embedder = load_embedder(out / "best")
+    assert embedder.dimension == 64
+    vectors = embedder.embed([Image.open(Path(tiny_dataset, "test", "test_0", "000.png"))])
+    assert vectors.shape == (1, 64)
+    assert float((vectors**2).sum()) == pytest.approx(1.0, abs=1e-5)

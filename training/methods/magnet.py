@@ -1,0 +1,419 @@
+"""Magnet loss training (Rippel et al., ICLR 2016): methods.md §3.
+
+Each class of the training set is split into K clusters by k-means on the current embeddings;
+batches are neighbourhoods of clusters (a seed cluster, chosen by its recent loss, plus the
+nearest clusters of other classes) and the Magnet loss pushes every example towards its own
+cluster's mean and away from the impostor clusters' means. The cluster index is rebuilt every
+`refresh_every_epochs` epochs from embeddings of the whole training set.
+
+Embeddings are L2-normalised before the loss, although the paper defines Magnet on raw
+representations: the loss is invariant to a global scale anyway (`MagnetLoss`), and on the unit
+sphere training, the k-means index (`compute_embeddings` normalises), the saved centroids and
+the service's test-time embeddings all share one space, so the artifact's cluster classifier
+(§3.3) applies to `Embedder.embed` output as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from training.evaluation.cluster_classifier import ClusterClassifier
+from training.evaluation.embed import compute_embeddings
+from training.losses.magnet import MagnetLoss
+from training.methods.base import Batch, Method, register_method
+
+if TYPE_CHECKING:
+    from training.engine.trainer import Trainer
+    from training.models.embedding import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+
+class ClusterIndex(nn.Module):
+    """Per-class k-means clusters of the training set, and the per-example loss cache.
+
+    Class c gets K_c = min(K, n_c) clusters (our rule for classes smaller than K, so k-means
+    always has a point per centroid; methods.md §3.4 notes SOP's ~5 images per class), with
+    ids first_c .. first_c + K_c - 1 in class order; warm-started refreshes keep each id on
+    its cluster.
+    Everything is a buffer, so `Method.state_dict()` saves and a resumed run restores it.
+    `seed_weights` is the seed-cluster distribution for the current epoch (`update_seed_weights`).
+    """
+
+    def __init__(
+        self, labels: Sequence[int], *, num_classes: int, clusters_per_class: int, dim: int
+    ) -> None:
+        super().__init__()
+        class_sizes = torch.bincount(
+            torch.as_tensor(labels, dtype=torch.long), minlength=num_classes
+        )
+        clusters_of_class = class_sizes.clamp(max=clusters_per_class)
+        num_clusters = int(clusters_of_class.sum())
+        self.num_classes = num_classes
+        self.register_buffer(
+            "cluster_labels", torch.repeat_interleave(torch.arange(num_classes), clusters_of_class)
+        )
+        self.register_buffer("centroids", torch.zeros(num_clusters, dim))
+        self.register_buffer("assignments", torch.full((len(labels),), -1, dtype=torch.long))
+        self.register_buffer("example_losses", torch.zeros(len(labels)))
+        # A separate flag, not `loss != 0`: a measured loss of 0 is a measurement
+        # (tf-magnet-loss#6, methods.md §3.4).
+        self.register_buffer("loss_measured", torch.zeros(len(labels), dtype=torch.bool))
+        self.register_buffer("seed_weights", torch.ones(num_clusters))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.cluster_labels)
+
+    def fit(
+        self, embeddings: np.ndarray, labels: np.ndarray, *, iterations: int, seed: int
+    ) -> None:
+        """Cluster each class with faiss k-means (its default random init; warm-started from the
+        current centroids once fitted, as mbanani does, §3.2) and assign every example."""
+        if len(embeddings) != len(self.assignments):
+            raise ValueError(f"expected {len(self.assignments)} embeddings, got {len(embeddings)}")
+        points = np.ascontiguousarray(embeddings, dtype=np.float32)
+        cluster_labels = self.cluster_labels.cpu().numpy()
+        previous = self.centroids.cpu().numpy() if bool(self.fitted) else None
+        centroids = np.zeros((self.num_clusters, points.shape[1]), dtype=np.float32)
+        assignments = np.full(len(points), -1, dtype=np.int64)
+        class_members = _group(np.asarray(labels), self.num_classes)
+        cluster_bounds = np.searchsorted(cluster_labels, np.arange(self.num_classes + 1))
+        for label, members in enumerate(class_members):
+            first, end = cluster_bounds[label], cluster_bounds[label + 1]
+            if len(members) < end - first:
+                raise ValueError(
+                    f"class {label} has {len(members)} examples but {end - first} clusters; "
+                    "the labels differ from those the index was built for"
+                )
+            if len(members) == 0:
+                continue
+            kmeans = faiss.Kmeans(
+                points.shape[1],
+                int(end - first),
+                niter=iterations,
+                seed=seed,
+                min_points_per_centroid=1,  # silences faiss's warning for small classes
+            )
+            kmeans.train(
+                points[members], init_centroids=None if previous is None else previous[first:end]
+            )
+            _, nearest = kmeans.index.search(points[members], 1)
+            centroids[first:end] = kmeans.centroids
+            assignments[members] = first + nearest[:, 0]
+        self.centroids.copy_(torch.from_numpy(centroids))
+        self.assignments.copy_(torch.from_numpy(assignments))
+        self.fitted.fill_(True)
+
+    def record_losses(self, indices: Tensor, losses: Tensor) -> None:
+        """Cache the latest loss of each example (§3.2 item 5)."""
+        self.example_losses[indices] = losses.detach().to(self.example_losses.dtype)
+        self.loss_measured[indices] = True
+
+    def update_seed_weights(self) -> None:
+        """Seed probability of a cluster = the mean cached loss of its measured members (§3.2).
+
+        Uniform before any loss exists. Once some exist, a cluster with no measured member
+        (new after a refresh, or never drawn) weighs the mean measured loss: our choice, where
+        tf-magnet-loss takes the mean of an empty set (NaN) and mbanani the sum of all clusters'
+        losses. Empty clusters weigh 0; if every weight is 0 the draw is uniform again.
+        """
+        if not bool(self.fitted):
+            raise RuntimeError("the Magnet cluster index is empty; fit it first")
+        assignments = self.assignments.cpu().numpy()
+        losses = self.example_losses.cpu().numpy().astype(np.float64)
+        measured = self.loss_measured.cpu().numpy()
+        sizes = np.bincount(assignments, minlength=self.num_clusters)
+        weights = np.ones(self.num_clusters)
+        if measured.any():
+            counts = np.bincount(assignments[measured], minlength=self.num_clusters)
+            sums = np.bincount(
+                assignments[measured], weights=losses[measured], minlength=self.num_clusters
+            )
+            prior = losses[measured].mean()
+            weights = np.where(counts > 0, sums / np.maximum(counts, 1), prior)
+        weights = np.where(sizes > 0, weights, 0.0)
+        if weights.sum() <= 0:
+            weights = (sizes > 0).astype(np.float64)
+        self.seed_weights.copy_(torch.from_numpy(weights))
+
+
+@dataclass(frozen=True)
+class _ClusterSnapshot:
+    """A CPU copy of the cluster index, taken when a sampler epoch starts."""
+
+    centroids: np.ndarray  # (C, d)
+    cluster_labels: np.ndarray  # (C,)
+    seed_probabilities: np.ndarray  # (C,)
+    members: list[np.ndarray]  # example indices of each cluster
+    sizes: np.ndarray  # (C,) len(members)
+
+    @classmethod
+    def of(cls, index: ClusterIndex) -> _ClusterSnapshot:
+        if not bool(index.fitted):
+            raise RuntimeError("the Magnet cluster index is empty; fit it first")
+        weights = index.seed_weights.cpu().numpy().astype(np.float64)
+        members = _group(index.assignments.cpu().numpy(), index.num_clusters)
+        return cls(
+            centroids=index.centroids.cpu().numpy().astype(np.float64),
+            cluster_labels=index.cluster_labels.cpu().numpy(),
+            seed_probabilities=weights / weights.sum(),
+            members=members,
+            sizes=np.array([len(m) for m in members]),
+        )
+
+    def nearest_impostors(self, cluster: int, count: int) -> np.ndarray:
+        """The `count` non-empty clusters of other classes nearest to `cluster`'s centroid."""
+        distances = np.square(self.centroids - self.centroids[cluster]).sum(axis=1)
+        candidates = np.flatnonzero(
+            (self.cluster_labels != self.cluster_labels[cluster]) & (self.sizes > 0)
+        )
+        return candidates[np.argsort(distances[candidates], kind="stable")[:count]]
+
+
+class MagnetBatchSampler(Sampler[list[int]]):
+    """Neighbourhood batches (§3.2 item 4): a seed cluster drawn with the index's
+    `seed_weights`, its M - 1 nearest clusters of other classes, D examples of each.
+
+    Batches list the seed cluster's D examples first, then the impostors' by distance. D
+    examples are drawn without replacement, or with replacement from a cluster smaller than D
+    (our choice among the fallbacks of tf-magnet-loss#5; mbanani drops such clusters, which
+    would leave SOP-sized classes unsampled). Each batch uses a generator seeded by
+    (seed, epoch, batch) and the index as it is when iteration starts, so a resumed run (which
+    restores the index) replays an epoch exactly, with or without DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        index: ClusterIndex,
+        *,
+        clusters_per_batch: int,
+        examples_per_cluster: int,
+        num_batches: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.clusters_per_batch = clusters_per_batch
+        self.examples_per_cluster = examples_per_cluster
+        self.num_batches = num_batches
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch, and skip its first `start_batch` batches when resuming."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        snapshot = _ClusterSnapshot.of(self.index)
+        for number in range(self.start_batch, self.num_batches):
+            yield self._draw_batch(snapshot, number)
+
+    def _draw_batch(self, snapshot: _ClusterSnapshot, number: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, number])
+        seed_cluster = rng.choice(len(snapshot.cluster_labels), p=snapshot.seed_probabilities)
+        impostors = snapshot.nearest_impostors(seed_cluster, self.clusters_per_batch - 1)
+        batch = [
+            rng.choice(
+                snapshot.members[cluster],
+                size=self.examples_per_cluster,
+                replace=snapshot.sizes[cluster] < self.examples_per_cluster,
+            )
+            for cluster in (seed_cluster, *impostors)
+        ]
+        return np.concatenate(batch).tolist()
+
+
+@register_method
+class MagnetMethod(Method):
+    """Magnet loss on neighbourhood batches of per-class k-means clusters (methods.md §3).
+
+    Deviation: the seed-cluster distribution is recomputed from the loss cache once per epoch
+    (as mbanani does), not after every batch (tf-magnet-loss). DataLoader workers draw batches
+    ahead of training, so per-batch updates would make batches depend on the worker count and
+    break exact resume; the cache itself is written after every step. The artifact carries
+    the centroids, their classes and the running batch variance for `ClusterClassifier`; the
+    card lists the class names the centroid labels index.
+    """
+
+    name = "magnet"
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        embedding_dim: int,
+        clusters_per_batch: int = 8,  # M: tf, vithursant and mbanani (methods.md §3.2)
+        examples_per_cluster: int = 4,  # D: mbanani (§3.2); tf/vithursant use 8 on MNIST
+        clusters_per_class: int = 8,  # K: tf, vithursant and mbanani (§3.2)
+        alpha: float = 1.0,  # tf and vithursant (§3.1); the paper's value is UNVERIFIED
+        detach_variance: bool = True,  # our choice for stability (§3.4)
+        refresh_every_epochs: int = 1,  # vithursant and mbanani (§3.2 item 3)
+        kmeans_iterations: int = 20,  # "k-means++, ~20 iterations" (§3.2 item 2)
+        # The classifier's "running average" of the batch variance (§3.3): our exponential
+        # average; mbanani averages the last epoch's batches.
+        variance_momentum: float = 0.9,
+    ) -> None:
+        if clusters_per_batch < 2:
+            raise ValueError(f"clusters_per_batch must be at least 2, got {clusters_per_batch}")
+        if examples_per_cluster < 2:
+            raise ValueError(
+                f"examples_per_cluster must be at least 2 to estimate cluster means, "
+                f"got {examples_per_cluster}"
+            )
+        if clusters_per_class < 1 or refresh_every_epochs < 1 or kmeans_iterations < 1:
+            raise ValueError(
+                "clusters_per_class, refresh_every_epochs and kmeans_iterations must be >= 1"
+            )
+        if not 0.0 <= variance_momentum < 1.0:
+            raise ValueError(f"variance_momentum must lie in [0, 1), got {variance_momentum}")
+        super().__init__(
+            num_classes=num_classes,
+            embedding_dim=embedding_dim,
+            clusters_per_batch=clusters_per_batch,
+            examples_per_cluster=examples_per_cluster,
+            clusters_per_class=clusters_per_class,
+            alpha=alpha,
+            detach_variance=detach_variance,
+            refresh_every_epochs=refresh_every_epochs,
+            kmeans_iterations=kmeans_iterations,
+            variance_momentum=variance_momentum,
+        )
+        self.clusters_per_batch = clusters_per_batch
+        self.examples_per_cluster = examples_per_cluster
+        self.clusters_per_class = clusters_per_class
+        self.refresh_every_epochs = refresh_every_epochs
+        self.kmeans_iterations = kmeans_iterations
+        self.variance_momentum = variance_momentum
+        self.criterion = MagnetLoss(alpha=alpha, detach_variance=detach_variance)
+        self.register_buffer("running_variance", torch.tensor(float("nan")))
+        self.index: ClusterIndex | None = None
+        self.class_names: list[str] = []
+
+    @property
+    def batch_size(self) -> int:
+        return self.clusters_per_batch * self.examples_per_cluster
+
+    def setup(self, trainer: Trainer) -> None:
+        if trainer.world_size > 1:
+            raise ValueError(
+                "magnet trains in one process only: its cluster index and loss cache are not "
+                "shared between ranks; run without torchrun"
+            )
+        if trainer.cfg.batch_size != self.batch_size:
+            raise ValueError(
+                f"magnet batches hold clusters_per_batch x examples_per_cluster = "
+                f"{self.clusters_per_batch} x {self.examples_per_cluster} = {self.batch_size} "
+                f"images, but batch_size is {trainer.cfg.batch_size}; pass --batch-size "
+                f"{self.batch_size} or change --param clusters_per_batch / examples_per_cluster"
+            )
+        train = trainer.data.train
+        self.index = ClusterIndex(
+            train.labels,
+            num_classes=train.num_classes,
+            clusters_per_class=self.clusters_per_class,
+            dim=trainer.model.embedding_dim,
+        )
+        clusters_of_class = torch.bincount(self.index.cluster_labels)
+        fewest_impostors = self.index.num_clusters - int(clusters_of_class.max())
+        if fewest_impostors < self.clusters_per_batch - 1:
+            raise ValueError(
+                f"a batch needs {self.clusters_per_batch - 1} impostor clusters of other classes "
+                f"but some class has only {fewest_impostors}; lower clusters_per_batch"
+            )
+        self.class_names = list(train.class_names)
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        if not bool(self.cluster_index.fitted) or epoch % self.refresh_every_epochs == 0:
+            self.refresh(trainer)
+        self.cluster_index.update_seed_weights()
+
+    def refresh(self, trainer: Trainer) -> None:
+        """Re-embed the training set (test transform) and re-cluster it (§3.2 item 3)."""
+        started = time.perf_counter()
+        cfg = trainer.cfg
+        embeddings, labels = compute_embeddings(
+            trainer.model,
+            trainer.data.train,
+            trainer.transform,
+            batch_size=cfg.eval_batch_size,
+            num_workers=cfg.num_workers,
+            device=trainer.device,
+            channels_last=cfg.channels_last,
+        )
+        self.cluster_index.fit(embeddings, labels, iterations=self.kmeans_iterations, seed=cfg.seed)
+        log.info(
+            "magnet: %d clusters refreshed in %.1fs",
+            self.cluster_index.num_clusters,
+            time.perf_counter() - started,
+        )
+
+    def batch_sampler(self, trainer: Trainer) -> MagnetBatchSampler:
+        return MagnetBatchSampler(
+            self.cluster_index,
+            clusters_per_batch=self.clusters_per_batch,
+            examples_per_cluster=self.examples_per_cluster,
+            num_batches=trainer.iterations_per_epoch,
+            seed=trainer.cfg.seed,
+        )
+
+    def training_step(self, model: EmbeddingModel, batch: Batch) -> tuple[Tensor, dict]:
+        embeddings = F.normalize(model(batch.images[0])["embedding"].float(), dim=1)
+        clusters = self.cluster_index.assignments[batch.indices]
+        losses, variance = self.criterion.per_example(embeddings, clusters, batch.labels)
+        self.cluster_index.record_losses(batch.indices, losses)
+        self._update_running_variance(variance.detach())
+        return losses.mean(), {"variance": variance.detach()}
+
+    def _update_running_variance(self, variance: Tensor) -> None:
+        average = torch.lerp(variance, self.running_variance, self.variance_momentum)
+        self.running_variance.copy_(torch.where(self.running_variance.isnan(), variance, average))
+
+    @property
+    def cluster_index(self) -> ClusterIndex:
+        if self.index is None:
+            raise RuntimeError("the Magnet method has no cluster index before setup(trainer)")
+        return self.index
+
+    def classifier(self, L: int = 8) -> ClusterClassifier:
+        """The kNN-on-clusters classifier (§3.3) of the current index and running variance."""
+        return ClusterClassifier(
+            self.cluster_index.centroids.cpu(),
+            self.cluster_index.cluster_labels.cpu(),
+            self.running_variance.cpu(),
+            L=L,
+        )
+
+    def artifact_tensors(self) -> dict[str, Tensor]:
+        if self.index is None or not bool(self.index.fitted) or self.running_variance.isnan():
+            return {}
+        return self.classifier().to_extras()
+
+    def card(self) -> dict[str, object]:
+        return {**super().card(), "class_names": self.class_names}
+
+
+def _group(ids: np.ndarray, count: int) -> list[np.ndarray]:
+    """Positions of each id 0 .. count - 1 in `ids` (empty arrays for absent ids)."""
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(count + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(count)]
