@@ -58,7 +58,14 @@ def pretrained_row(dataset: str, data: Path, runs: Path) -> dict:
 
 
 def trained_row(
-    dataset: str, method: str, data: Path, runs: Path, seed: int, budget: float, extra: list[str]
+    dataset: str,
+    method: str,
+    data: Path,
+    runs: Path,
+    seed: int,
+    budget: float,
+    eval_train: bool,
+    extra: list[str],
 ):
     out = runs / f"{dataset}-{method}-{budget:g}min-s{seed}"
     if not (out / "results.json").exists():
@@ -76,7 +83,7 @@ def trained_row(
                 str(out),
                 "--seed",
                 str(seed),
-                "--eval-train",
+                *(["--eval-train"] if eval_train else []),
                 "--time-budget",
                 str(budget),
                 *extra,
@@ -99,6 +106,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/baselines"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=12, help="minutes of training per run")
+    parser.add_argument(
+        "--no-eval-train",
+        dest="eval_train",
+        action="store_false",
+        help="skip train-split metrics (the memorisation check) to save time",
+    )
     parser.add_argument("extra", nargs="*", help="more options for lookalike train (after --)")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -121,7 +134,14 @@ def main() -> None:
                 picks = [("untrained", result)]
             else:
                 result = trained_row(
-                    dataset, method, data, args.runs, args.seed, args.budget, args.extra
+                    dataset,
+                    method,
+                    data,
+                    args.runs,
+                    args.seed,
+                    args.budget,
+                    args.eval_train,
+                    args.extra,
                 )
                 picks = [
                     (f"best-by-val (ep {result['best'].get('epoch')})", result["best"]),
