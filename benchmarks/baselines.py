@@ -14,8 +14,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r"]
 IMAGE_SIZE = 112  # the CPU presets' resolution
+
+# One fair protocol (issue 3): the dataset preset fixes backbone, resolution, augmentation,
+# optimiser, batch size (64) and epochs for every method; only the method differs.
+VARIANTS = {
+    "margin": ["--method", "margin"],
+    "triplet": ["--method", "triplet"],
+    "contrastive": ["--method", "contrastive"],
+    "npair": ["--method", "npair"],
+    # Four heads of 32 dimensions: the same 128-d test embedding as every other method.
+    "diva": ["--method", "diva", "--embedding-dim", "32"],
+    "diva-512": ["--method", "diva"],  # the paper's 4 x 128
+    "dvml-triplet": ["--method", "dvml", "--param", "base_loss=triplet"],
+    "dvml-npair": ["--method", "dvml", "--param", "base_loss=npair"],
+    "dvml-margin": ["--method", "dvml", "--param", "base_loss=margin"],
+    # 16 clusters x 4 images: the same 64 images per batch as the others.
+    "magnet": ["--method", "magnet", "--param", "clusters_per_batch=16"],
+}
 
 
 def run(command: list[str]) -> None:
@@ -63,11 +82,15 @@ def trained_row(
     data: Path,
     runs: Path,
     seed: int,
-    budget: float,
+    budget: float | None,
     eval_train: bool,
     extra: list[str],
 ):
-    out = runs / f"{dataset}-{method}-{budget:g}min-s{seed}"
+    """Train one method. With a budget in minutes the run stops on the clock; without one it
+    runs the preset's epochs whatever the machine's load (the fair protocol)."""
+    length = f"{budget:g}min" if budget else "preset"
+    out = runs / f"{dataset}-{method}-{length}-s{seed}"
+    limit = ["--time-budget", str(budget)] if budget else ["--set", "time_budget_min=null"]
     if not (out / "results.json").exists():
         run(
             [
@@ -75,8 +98,7 @@ def trained_row(
                 "train",
                 "--data",
                 str(data),
-                "--method",
-                method,
+                *VARIANTS[method],
                 "--preset",
                 dataset,
                 "--out",
@@ -84,8 +106,7 @@ def trained_row(
                 "--seed",
                 str(seed),
                 *(["--eval-train"] if eval_train else []),
-                "--time-budget",
-                str(budget),
+                *limit,
                 *extra,
             ]
         )
@@ -96,6 +117,34 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def row(dataset: str, method: str, label: str, result: dict, pick: str | None = None) -> str:
+    metrics = result[pick] if pick else result
+    test, train = metrics["test"], metrics.get("train") or {}
+    wait, share = result.get("data_wait_fraction"), result.get("eval_fraction")
+    cells = [
+        dataset,
+        method,
+        label,
+        *[fmt(test.get(c)) for c in COLUMNS],
+        fmt(train.get("recall@1")),
+        "-" if result.get("images_per_s") is None else f"{result['images_per_s']:.0f}",
+        "-" if wait is None else f"{wait:.1%}",
+        "-" if share is None else f"{share:.0%}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def spread_row(dataset: str, method: str, results: list[dict]) -> str:
+    """Mean ± standard deviation of the best-by-validation test metrics over seeds."""
+    cells = [dataset, method, f"best-by-val, mean ± sd of {len(results)} seeds"]
+    for column in COLUMNS:
+        values = np.array([r["best"]["test"][column] for r in results])
+        cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+    speeds = [r["images_per_s"] for r in results if r.get("images_per_s")]
+    cells += ["-", f"{np.mean(speeds):.0f}" if speeds else "-", "-", "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["icons", "cjk"])
@@ -104,8 +153,13 @@ def main() -> None:
     )
     parser.add_argument("--data-root", type=Path, default=Path("data"))
     parser.add_argument("--runs", type=Path, default=Path("runs/baselines"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget", type=float, default=12, help="minutes of training per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="minutes of training per run (default: the preset's epochs, no clock)",
+    )
     parser.add_argument(
         "--no-eval-train",
         dest="eval_train",
@@ -130,40 +184,23 @@ def main() -> None:
         data = args.data_root / dataset
         for method in args.methods:
             if method == "pretrained":
-                result = pretrained_row(dataset, data, args.runs)
-                picks = [("untrained", result)]
-            else:
-                result = trained_row(
-                    dataset,
-                    method,
-                    data,
-                    args.runs,
-                    args.seed,
-                    args.budget,
-                    args.eval_train,
-                    args.extra,
+                lines.append(
+                    row(dataset, method, "untrained", pretrained_row(dataset, data, args.runs))
                 )
-                picks = [
-                    (f"best-by-val (ep {result['best'].get('epoch')})", result["best"]),
-                    (f"last (ep {result['last'].get('epoch')})", result["last"]),
-                ]
-            for label, metrics in picks:
-                test = metrics["test"]
-                train = metrics.get("train") or {}
-                wait = result.get("data_wait_fraction")
-                cells = [
-                    dataset,
-                    method,
-                    label,
-                    *[fmt(test.get(c)) for c in COLUMNS],
-                    fmt(train.get("recall@1")),
-                    fmt(result.get("images_per_s")),
-                    "-" if wait is None else f"{wait:.1%}",
-                    "-"
-                    if result.get("eval_fraction") is None
-                    else f"{result['eval_fraction']:.0%}",
-                ]
-                lines.append("| " + " | ".join(cells) + " |")
+                continue
+            results = [
+                trained_row(
+                    dataset, method, data, args.runs, seed, args.budget, args.eval_train, args.extra
+                )
+                for seed in args.seeds
+            ]
+            for seed, result in zip(args.seeds, results, strict=True):
+                for pick in ("best", "last"):
+                    epoch = result[pick].get("epoch")
+                    label = f"{'best-by-val' if pick == 'best' else 'last'} (ep {epoch}, s{seed})"
+                    lines.append(row(dataset, method, label, result, pick))
+            if len(results) > 1:
+                lines.append(spread_row(dataset, method, results))
             print("\n".join(lines), flush=True)
     print("\n".join(lines))
     sys.stdout.flush()

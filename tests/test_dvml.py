@@ -236,7 +236,7 @@ def test_dvml_trains_through_both_phases_and_its_checkpoint_loads(
     trained = runner.invoke(
         app,
         ["train", "--data", str(tiny_dataset), "--method", "dvml", "--iterations", "2",
-         "--out", str(out), "--param", f"base_loss={base_loss}",
+         "--out", str(out), "--base-loss", base_loss,
          "--param", "phase1_fraction=0.5", *TINY],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output

@@ -121,6 +121,7 @@ def test_finished_and_foreign_run_directories_are_refused(tiny_dataset, tmp_path
         (["--preset", "nosuch"], "unknown preset 'nosuch'"),
         (["--batch-size", "7"], "not a multiple of samples_per_class"),
         (["--param", "nosuch=1"], "nosuch"),
+        (["--base-loss", "triplet"], "base_loss"),
         (["--set", "image_size=abc"], "image_size"),
     ],
 )

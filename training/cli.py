@@ -119,6 +119,9 @@ def train(
     eval_train: Annotated[bool | None, typer.Option(help="also report train-split metrics")] = None,
     workers: Annotated[int | None, typer.Option(help="data loader processes")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    base_loss: Annotated[
+        str | None, typer.Option(help="dvml: the metric loss it wraps (triplet, npair, margin)")
+    ] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="method hyperparameter KEY=VALUE (repeatable)")
     ] = None,
@@ -157,7 +160,10 @@ def train(
         "num_workers": workers,
         "seed": seed,
         **_parse_params(set_option),
-        "method_params": _parse_params(param),
+        "method_params": {
+            **({"base_loss": base_loss} if base_loss else {}),
+            **_parse_params(param),
+        },
     }
     cfg = resolve_config(overrides, config_file=config, preset=preset)
     trainer = Trainer(cfg)
