@@ -1,0 +1,198 @@
+"""Decoding untrusted uploads into RGB images (serving.md section 5).
+
+Only the formats in `ACCEPTED_FORMATS` are ever handed to a decoder; the pixel count is checked
+right after the header is parsed and before any pixel is decoded (a per-call cap, so Pillow's
+global `Image.MAX_IMAGE_PIXELS` is never mutated); Pillow's `DecompressionBombWarning` is an error
+in this process; truncated files are rejected (`ImageFile.LOAD_TRUNCATED_IMAGES` stays off); EXIF
+orientation is applied and every mode becomes 8-bit RGB with training's own conversion
+(`training.data.image_dataset._to_rgb`), so the service embeds exactly what training evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from training.data.image_dataset import _to_rgb
+
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+# Escalate Pillow's bomb warning (images between MAX_IMAGE_PIXELS and twice that) to an error.
+# Installed once at import, before any request thread exists; `open_upload` also catches both.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+# Recognisable formats we refuse, so the 415 message can say what the file is.
+_OTHER_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "a PDF document"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+    (b"\x00\x00\x02\x00", "a CUR cursor"),
+    (b"8BPS", "a Photoshop PSD file"),
+    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"),
+    (b"\xff\x4f\xff\x51", "a JPEG 2000 codestream"),
+    (b"\x76\x2f\x31\x01", "an OpenEXR image"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+# Accepted formats' signatures: such a file that Pillow cannot identify is corrupt (400).
+_ACCEPTED_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+class ImageRejected(ValueError):
+    """An upload that is not accepted. `status_code`: 400 corrupt/truncated/empty, 413 too big
+    (bytes or pixels: decompression bomb), 415 not an image or an unsupported format. `str()` (and
+    `.detail`) is a message for the client naming the problem and what to do."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.detail = message
+
+
+def open_upload(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Decode an uploaded file to a fully loaded 8-bit RGB image; raises `ImageRejected`.
+
+    Multi-frame files (animated GIF/WebP, multi-page TIFF) give their first frame. The returned
+    image's `.format` is the detected source format (e.g. "JPEG"), for `sniff_content_type`.
+    `max_pixels` above Pillow's own `Image.MAX_IMAGE_PIXELS` (89.5 M) has no effect beyond it.
+    CPU-bound: call it from a worker thread, not on the event loop.
+    """
+    if not data:
+        raise ImageRejected("the uploaded file is empty; send the image's bytes", 400)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageRejected(
+            f"the file is {len(data):,} bytes; the limit is {max_bytes:,} bytes", 413
+        )
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise _bomb(f"{error}", max_pixels) from error
+    except UnidentifiedImageError as error:
+        claimed = _claimed_format(data)
+        if claimed:
+            raise ImageRejected(
+                f"the file starts like a {claimed} image but cannot be read (corrupt header); "
+                "upload a valid image",
+                400,
+            ) from error
+        raise ImageRejected(_unidentified_message(data), 415) from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # A recognised format whose header is damaged.
+        raise ImageRejected(
+            f"the image header is corrupt ({error}); upload a valid image", 400
+        ) from error
+    source_format = image.format
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _bomb(f"{width}x{height} = {width * height:,} pixels", max_pixels)
+        if width == 0 or height == 0:
+            raise ImageRejected("the image has no pixels (zero width or height)", 400)
+        try:
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            rgb.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise _bomb(f"{error}", max_pixels) from error
+        except (
+            OSError,
+            SyntaxError,
+            EOFError,
+            IndexError,
+            KeyError,
+            TypeError,
+            struct.error,
+        ) as error:
+            raise ImageRejected(
+                f"the {source_format} file is truncated or corrupt ({error}); "
+                "upload the complete file",
+                400,
+            ) from error
+        except ValueError as error:  # e.g. a colour mode Pillow cannot convert to RGB
+            raise ImageRejected(
+                f"the {source_format} image cannot be converted to RGB ({error}); "
+                "save it as 8-bit RGB JPEG or PNG",
+                415,
+            ) from error
+    rgb.format = source_format
+    return rgb
+
+
+def _bomb(what: str, max_pixels: int) -> ImageRejected:
+    return ImageRejected(
+        f"the image is too large ({what}); at most {max_pixels:,} pixels are accepted "
+        "(possible decompression bomb): downscale it and upload again",
+        413,
+    )
+
+
+def _claimed_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, name in _ACCEPTED_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return None
+
+
+def _unidentified_message(data: bytes) -> str:
+    head = data[:512]
+    stripped = head.lstrip()
+    for signature, name in _OTHER_SIGNATURES:
+        if head.startswith(signature):
+            return f"the file is {name}, which is not accepted; upload a {_ACCEPTED_TEXT} image"
+    if stripped.startswith(b"<") and (b"<svg" in head.lower() or stripped.startswith(b"<?xml")):
+        return (
+            "the file is an SVG/XML document; vector images are not accepted: "
+            f"rasterise it to PNG and upload a {_ACCEPTED_TEXT} image"
+        )
+    if head[4:8] == b"ftyp":
+        brand = head[8:12].decode("ascii", "replace")
+        return (
+            f"the file is an ISO media file (brand {brand!r}, e.g. HEIC/AVIF), which is not "
+            f"accepted; convert it and upload a {_ACCEPTED_TEXT} image"
+        )
+    return f"the file is not a recognised image; upload a {_ACCEPTED_TEXT} image"
+
+
+def sniff_content_type(image: Image.Image | bytes) -> str:
+    """MIME type of the decoded format (never from the client's Content-Type or filename).
+
+    Takes an image from `open_upload` (or any opened Pillow image) or the raw bytes."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        try:
+            with Image.open(io.BytesIO(bytes(image)), formats=ACCEPTED_FORMATS) as opened:
+                source_format = opened.format
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as error:
+            raise ImageRejected(_unidentified_message(bytes(image)), 415) from error
+    else:
+        source_format = image.format
+    if not source_format:
+        raise ValueError("the image carries no source format; pass one from open_upload")
+    return Image.MIME.get(source_format.upper(), f"image/{source_format.lower()}")
+
+
+def thumbnail_bytes(image: Image.Image, size: int = 256) -> bytes:
+    """A JPEG thumbnail (quality 85) whose longer side is at most `size` pixels."""
+    thumb = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    thumb.save(out, "JPEG", quality=85, optimize=True)
+    return out.getvalue()
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 hex digest of the uploaded bytes (duplicate detection, storage names)."""
+    return hashlib.sha256(data).hexdigest()
