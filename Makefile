@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := runs/icons-margin
 
-.PHONY: demo test lint install
+.PHONY: demo train-icons test lint install constraints settings-doc
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,17 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Build IconThemes (cached), train margin + distance-weighted sampling on it (about 12 minutes
-# of CPU), evaluate the best-by-validation model on the test split. A second run reuses both.
+TRAIN_MINUTES ?= 3
+
+# The product on this machine: IconThemes (cached), the API with its workers on
+# http://127.0.0.1:8000 (state in ./var), a gallery of the test split, a DiVA job of
+# TRAIN_MINUTES CPU minutes and the gallery re-indexed with its model. Ctrl-C stops.
 demo: $(BIN)/.installed
+	$(BIN)/lookalike demo --train-minutes $(TRAIN_MINUTES)
+
+# The training library alone: train margin + distance-weighted sampling on IconThemes (about
+# 12 minutes of CPU), evaluate the best-by-validation model on the test split. Reruns reuse both.
+train-icons: $(BIN)/.installed
 	$(BIN)/lookalike data build-icons data/icons
 	test -f $(RUN)/results.json || $(BIN)/lookalike train --data data/icons --method margin --preset icons --out $(RUN)
 	$(BIN)/lookalike evaluate --model $(RUN)/best --data data/icons --split test --json $(RUN)/test.json
@@ -28,3 +36,11 @@ lint: $(BIN)/.installed
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 || [ $$? -eq 5 ]
+
+# Pin the tested virtual environment's versions for the Docker images (constraints.txt).
+constraints: $(BIN)/.installed
+	$(BIN)/python scripts/freeze_constraints.py
+
+# Regenerate .env.example and README's configuration table from app/core/config.py.
+settings-doc: $(BIN)/.installed
+	$(BIN)/python -m app.core.settings_doc --write

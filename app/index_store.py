@@ -211,6 +211,14 @@ class _State:
         self.not_tombstoned = None
 
 
+def _native(index: faiss.Index, method: str):
+    """The numpy method of a faiss index, even after `faiss.contrib.torch_utils` (imported by
+    pytorch-metric-learning) replaced it with a torch-aware version, which returns tensors from
+    `reconstruct` and does not accept `params=` in `search`; the originals survive as
+    `<method>_numpy`."""
+    return getattr(index, f"{method}_numpy", None) or getattr(index, method)
+
+
 class GalleryIndex:
     """A FAISS index of one gallery under one model version. See the module docstring."""
 
@@ -300,7 +308,7 @@ class GalleryIndex:
         with self._lock.read():
             if not self._state.live(np.array([image_id], dtype=np.int64))[0]:
                 raise KeyError(f"id {image_id} is not in this index")
-            return self._state.index.reconstruct(int(image_id)).astype(np.float32)
+            return _native(self._state.index, "reconstruct")(int(image_id)).astype(np.float32)
 
     def search(
         self,
@@ -359,7 +367,7 @@ class GalleryIndex:
         else:
             selector = None
         params = self._search_params(selector, kk)
-        scores, labels = state.index.search(queries, kk, params=params)
+        scores, labels = _native(state.index, "search")(queries, kk, params=params)
         if self.index_type is not IndexType.flat:
             short = (labels >= 0).sum(axis=1) < kk
             if short.any():  # approximate search came back short: redo those rows exactly

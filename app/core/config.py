@@ -11,7 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", env_file=".env", extra="ignore")
+    # env_ignore_empty: `LOOKALIKE_X=` (an empty value, as compose's `${X:-}` gives) means
+    # the default, not an empty string or path.
+    model_config = SettingsConfigDict(
+        env_prefix="LOOKALIKE_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     # Storage. The embedded default keeps everything under one data directory.
     data_dir: Path = Field(Path("var"), description="Root of uploads, indexes and the SQLite file.")
@@ -30,6 +34,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Keys accepted in the X-API-Key header for writes."
     )
     open_reads: bool = Field(True, description="Read routes answer without an API key.")
+    auto_api_key: bool = Field(
+        True,
+        description="With no API_KEYS configured, generate one at first start "
+        "(DATA_DIR/api_key, printed once) and require it; false leaves every route open.",
+    )
 
     # Upload hardening (serving.md section 5).
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Per-file upload limit (413).")
@@ -37,16 +46,40 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, description="Decompression-bomb cap, below Pillow's default of 89.5 M pixels."
     )
+    max_files_per_request: int = Field(100, description="Most files one upload request may carry.")
+    max_model_bytes: int = Field(
+        2 * 1024**3, description="Per-file and per-request limit for model uploads (413)."
+    )
+
+    # Catalog and search.
+    seed_builtin_model: bool = Field(
+        True,
+        description="Build and register the pretrained EfficientNet-Lite0 model at start-up.",
+    )
+    max_k: int = Field(1000, description="Largest k + offset a search may ask for.")
+    thumbnail_size: int = Field(256, description="Longer side of thumbnails, in pixels.")
+    snapshot_every: int = Field(
+        1000, description="Index changes after which a gallery's FAISS snapshot is rewritten."
+    )
 
     # Compute.
     torch_threads: int = Field(0, description="Intra-op threads for embedding; 0 = torch default.")
     device: str = Field("cpu", description="Device the API embeds on (cpu or cuda).")
     embed_batch_size: int = Field(32, description="Largest micro-batch the embedder forms.")
     embed_max_wait_ms: float = Field(
-        5.0, description="How long the embedder waits to fill a micro-batch."
+        0.0,
+        description="How long the embedder waits for more requests after the first; 0 still "
+        "batches under load (requests queue while a batch runs) and adds no latency when idle.",
     )
     hnsw_suggest_threshold: int = Field(
-        200_000, description="Gallery size above which an approximate index is suggested."
+        200_000,
+        description="Gallery size above which an approximate index is suggested (exact 128-d "
+        "search takes ~7 ms per query there on 1 core vs ~0.15 ms HNSW; see app/index_store.py).",
+    )
+    faiss_search_threads: int = Field(
+        1,
+        description="OpenMP threads per FAISS search; 1 suits concurrent single queries (more "
+        "threads made one query 30x slower on a busy 2-core host); 0 = all cores.",
     )
 
     # Jobs (Celery). Empty broker URL means the embedded SQLAlchemy transport over DATA_DIR.
@@ -54,6 +87,33 @@ class Settings(BaseSettings):
     result_backend: str = Field("", description="Celery result backend; empty = none needed.")
     visibility_timeout_s: int = Field(
         48 * 3600, description="Redis visibility timeout: longer than the longest job."
+    )
+    broker_key_prefix: str = Field(
+        "", description="Prefix of every Redis key the broker writes (several apps on one Redis)."
+    )
+    broker_connect_timeout_s: float = Field(
+        2.0, description="Job submission gives up (503) after this long without a broker."
+    )
+    job_heartbeat_s: float = Field(
+        5.0, description="How often a running job writes its heartbeat and progress."
+    )
+    job_heartbeat_timeout_s: float = Field(
+        120.0,
+        description="A running job whose heartbeat is older than this has lost its worker and is "
+        "marked failed.",
+    )
+    worker_device: str = Field(
+        "auto", description="Device for train/evaluate/index jobs (auto, cpu or cuda)."
+    )
+    worker_num_workers: int = Field(
+        2, description="Data-loader processes in train/evaluate jobs (0 with a prefork pool)."
+    )
+    import_max_files: int = Field(100_000, description="Most files one import job adds.")
+    import_max_bytes: int = Field(
+        20 * 1024**3, description="Most uncompressed bytes one import job reads (archive bombs)."
+    )
+    max_archive_bytes: int = Field(
+        2 * 1024**3, description="Largest archive accepted by an import job upload (413)."
     )
 
     @model_validator(mode="after")
@@ -79,6 +139,11 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """Where dataset jobs build the icons/cjk benchmarks."""
+        return self.data_dir / "datasets"
 
 
 @lru_cache

@@ -369,3 +369,19 @@ def test_hnsw_compaction_replays_writes_made_during_the_rebuild(data, monkeypatc
     assert hit_ids(index.search(queries, 5, allowed_ids=allowed)) == brute_force(
         ids[mask], vectors[mask], queries, 5
     )
+
+
+def test_filtered_search_survives_faiss_torch_utils(data, monkeypatch):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which monkeypatches
+    Index.search without the `params` keyword the id filters need."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    monkeypatch.setattr(index_store, "EXACT_SUBSET_MAX", 50)  # take the IDSelectorBatch path
+    ids, vectors, queries = data
+    index = GalleryIndex.build(DIM, "flat", ids, vectors)
+    allowed = ids[::2]
+    hits = index.search(queries, 5, allowed_ids=allowed)
+    assert hit_ids(hits) == brute_force(allowed, vectors[::2], queries, 5)
+    stored = index.vector(int(ids[0]))
+    assert isinstance(stored, np.ndarray)
+    np.testing.assert_allclose(stored, vectors[0] / np.linalg.norm(vectors[0]), atol=1e-6)

@@ -1,0 +1,16 @@
+"""Every /api/v1 route."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.routes import datasets, galleries, images, jobs, models, reports, search
+
+api_router = APIRouter(prefix="/api/v1")
+api_router.include_router(models.router)
+api_router.include_router(galleries.router)
+api_router.include_router(images.router)
+api_router.include_router(search.router)
+api_router.include_router(jobs.router)
+api_router.include_router(datasets.router)
+api_router.include_router(reports.router)

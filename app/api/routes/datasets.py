@@ -1,0 +1,73 @@
+"""Datasets for train and evaluate jobs: register (a folder under the dataset root, or a
+benchmark a worker builds), list, show."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+
+from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
+from app.api.routes.jobs import JobQueueDep
+from app.api.schemas import API
+from app.db.models import Dataset
+from app.services import datasets as service
+from app.services.datasets import DatasetRequest
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str = Field(description="ready, building (a worker builds it) or failed")
+    splits: dict[str, Any] | None = Field(description="classes and images per split")
+    job_id: int | None = Field(description="the job building it (icons, cjk)")
+    error: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        error = None
+        if dataset.status == "failed":
+            error = dataset.job.error if dataset.job else "its build job no longer exists"
+        return cls(
+            id=dataset.id,
+            name=dataset.name,
+            kind=dataset.kind,
+            status=dataset.status,
+            splits=dataset.summary,
+            job_id=dataset.job_id,
+            error=error,
+            created_at=dataset.created_at,
+        )
+
+
+@router.post("", response_model=DatasetOut, status_code=201, dependencies=[WriteAccess])
+def register_dataset(
+    body: DatasetRequest,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    queue: JobQueueDep,
+) -> DatasetOut:
+    """A folder dataset is read at once (201); icons and cjk are built by a worker (202, the
+    dataset is `building` until its job succeeds)."""
+    dataset = service.register(session, settings, queue, body)
+    response.headers["Location"] = f"{API}/datasets/{dataset.id}"
+    if dataset.job_id is not None:
+        response.status_code = 202
+    return DatasetOut.of(dataset)
+
+
+@router.get("", response_model=list[DatasetOut], dependencies=[ReadAccess])
+def list_datasets(session: SessionDep, settings: SettingsDep) -> list[DatasetOut]:
+    return [DatasetOut.of(d) for d in service.list_datasets(session, settings)]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, dependencies=[ReadAccess])
+def get_dataset(dataset_id: int, session: SessionDep, settings: SettingsDep) -> DatasetOut:
+    return DatasetOut.of(service.get_dataset(session, settings, dataset_id))

@@ -1,0 +1,45 @@
+"""Liveness, readiness and Prometheus metrics (outside /api/v1)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """200 once the database answers and every gallery index is loaded; 503 before that."""
+    state = request.app.state
+    if not state.indexes_loaded:
+        return JSONResponse({"status": "starting", "indexes_loaded": False}, status_code=503)
+    runtime = state.runtime
+    try:
+        with runtime.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        database = "ok"
+    except Exception as error:  # any driver error means not ready
+        database = f"unreachable: {type(error).__name__}"
+    body = {
+        "status": "ready" if database == "ok" else "not ready",
+        "database": database,
+        "indexes_loaded": True,
+        "indexes": runtime.indexes.loaded_count(),
+    }
+    return JSONResponse(body, status_code=200 if database == "ok" else 503)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

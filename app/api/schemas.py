@@ -1,0 +1,338 @@
+"""Request and response bodies of the catalog and search routes (pydantic v2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from app.db.models import Image
+from app.index_store import IndexType
+from app.services.galleries import GalleryInfo
+from app.services.images import UploadResult
+from app.services.search import Classification, Filters, Hit, SearchOutcome, Vote
+
+API = "/api/v1"
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes: they were stored in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+MetadataValue = str | int | float | bool
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    method: str
+    embedding_dim: int
+    builtin: bool
+    created_at: Timestamp
+
+
+class ModelDetail(ModelOut):
+    card: dict[str, Any] = Field(
+        description="The artifact's card: architecture, preprocessing, metrics."
+    )
+
+
+class GalleryCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    model_id: int | None = Field(None, description="Defaults to the built-in pretrained model.")
+    index_type: IndexType = IndexType.flat
+    index_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class GalleryUpdate(BaseModel):
+    """Switch the gallery to another index type or parameters (rebuilt from the stored
+    embeddings, nothing is re-embedded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_type: IndexType | None = None
+    index_params: dict[str, Any] | None = None
+
+
+class GalleryOut(BaseModel):
+    id: int
+    name: str
+    model_id: int
+    index_type: str
+    index_params: dict[str, Any]
+    index_version: int
+    image_count: int
+    labelled_count: int
+    index_size: int | None = Field(description="Vectors in the loaded index (None: not loaded).")
+    suggested_index_type: str | None = Field(
+        description="An approximate index type, suggested once the gallery is large."
+    )
+    created_at: Timestamp
+
+    @classmethod
+    def of(cls, info: GalleryInfo) -> GalleryOut:
+        g = info.gallery
+        return cls(
+            id=g.id,
+            name=g.name,
+            model_id=g.model_id,
+            index_type=g.index_type,
+            index_params=g.index_params,
+            index_version=g.index_version,
+            image_count=info.image_count,
+            labelled_count=info.labelled_count,
+            index_size=info.index_size,
+            suggested_index_type=info.suggested_index_type,
+            created_at=g.created_at,
+        )
+
+
+class ImageOut(BaseModel):
+    id: int
+    gallery_id: int
+    label: str | None
+    metadata: dict[str, Any]
+    external_id: str | None
+    content_type: str
+    width: int
+    height: int
+    size_bytes: int
+    content_hash: str
+    created_at: Timestamp
+    file_url: str
+    thumbnail_url: str
+
+    @classmethod
+    def of(cls, image: Image) -> ImageOut:
+        return cls(
+            id=image.id,
+            gallery_id=image.gallery_id,
+            label=image.label,
+            metadata=image.meta,
+            external_id=image.external_id,
+            content_type=image.content_type,
+            width=image.width,
+            height=image.height,
+            size_bytes=image.size_bytes,
+            content_hash=image.content_hash,
+            created_at=image.created_at,
+            file_url=f"{API}/images/{image.id}/file",
+            thumbnail_url=f"{API}/images/{image.id}/thumbnail",
+        )
+
+
+class ImagePage(BaseModel):
+    items: list[ImageOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class UploadItem(BaseModel):
+    filename: str | None
+    status: Literal["created", "duplicate", "rejected"]
+    status_code: int
+    image: ImageOut | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, result: UploadResult) -> UploadItem:
+        kind = "rejected" if result.error else "duplicate" if result.duplicate else "created"
+        return cls(
+            filename=result.filename,
+            status=kind,
+            status_code=result.status_code,
+            image=None if result.image is None else ImageOut.of(result.image),
+            error=result.error,
+        )
+
+
+class UploadResponse(BaseModel):
+    results: list[UploadItem] = Field(description="One per file, in the request's order.")
+    created: int
+    duplicates: int
+    rejected: int
+
+    @classmethod
+    def of(cls, results: list[UploadItem]) -> UploadResponse:
+        return cls(
+            results=results,
+            created=sum(r.status == "created" for r in results),
+            duplicates=sum(r.status == "duplicate" for r in results),
+            rejected=sum(r.status == "rejected" for r in results),
+        )
+
+
+class SearchHit(BaseModel):
+    image_id: int
+    score: float
+    label: str | None
+    metadata: dict[str, Any]
+    external_id: str | None
+    file_url: str
+
+    @classmethod
+    def of(cls, hit: Hit) -> SearchHit:
+        return cls(
+            image_id=hit.image.id,
+            score=round(hit.score, 6),
+            label=hit.image.label,
+            metadata=hit.image.meta,
+            external_id=hit.image.external_id,
+            file_url=f"{API}/images/{hit.image.id}/file",
+        )
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    model_id: int
+    index_version: int
+    took_ms: float
+
+    @classmethod
+    def of(cls, outcome: SearchOutcome) -> SearchResponse:
+        return cls(
+            results=[SearchHit.of(h) for h in outcome.hits[0]],
+            model_id=outcome.model_id,
+            index_version=outcome.index_version,
+            took_ms=round(outcome.took_ms, 3),
+        )
+
+
+class QueryResults(BaseModel):
+    results: list[SearchHit]
+
+
+class BatchSearchResponse(BaseModel):
+    queries: list[QueryResults] = Field(description="One entry per query image, in order.")
+    model_id: int
+    index_version: int
+    took_ms: float
+
+    @classmethod
+    def of(cls, outcome: SearchOutcome) -> BatchSearchResponse:
+        return cls(
+            queries=[QueryResults(results=[SearchHit.of(h) for h in row]) for row in outcome.hits],
+            model_id=outcome.model_id,
+            index_version=outcome.index_version,
+            took_ms=round(outcome.took_ms, 3),
+        )
+
+
+class FilterFields(BaseModel):
+    labels: list[str] | None = Field(None, description="Only images with one of these labels.")
+    metadata: dict[str, MetadataValue] = Field(
+        default_factory=dict, description="Only images whose metadata has these key: value pairs."
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> FilterFields:
+        check_metadata_keys(self.metadata)
+        return self
+
+    def filters(self) -> Filters:
+        return Filters(self.labels or None, dict(self.metadata))
+
+
+class VectorSearch(FilterFields):
+    model_config = ConfigDict(extra="forbid")
+
+    vector: list[float] = Field(min_length=1, description="A query embedding of the model's size.")
+    k: int = Field(10, ge=1)
+    offset: int = Field(0, ge=0)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class VoteOut(BaseModel):
+    label: str
+    count: int
+    score: float
+
+    @classmethod
+    def of(cls, vote: Vote) -> VoteOut:
+        return cls(label=vote.label, count=vote.count, score=vote.score)
+
+
+class Prediction(BaseModel):
+    label: str | None = Field(description="The kNN vote's label (None: no labelled neighbour).")
+    confidence: float
+    votes: list[VoteOut]
+    cluster_label: str | None = Field(
+        None, description="Magnet's cluster classifier's label (Magnet models only)."
+    )
+    cluster_probabilities: dict[str, float] | None = None
+    neighbours: list[SearchHit]
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model_id: int
+    index_version: int
+    took_ms: float
+
+    @classmethod
+    def of(cls, results: list[Classification], outcome: SearchOutcome) -> ClassifyResponse:
+        return cls(
+            predictions=[
+                Prediction(
+                    label=r.label,
+                    confidence=r.confidence,
+                    votes=[VoteOut.of(v) for v in r.votes],
+                    cluster_label=r.cluster_label,
+                    cluster_probabilities=r.cluster_probabilities,
+                    neighbours=[SearchHit.of(h) for h in hits],
+                )
+                for r, hits in zip(results, outcome.hits, strict=True)
+            ],
+            model_id=outcome.model_id,
+            index_version=outcome.index_version,
+            took_ms=round(outcome.took_ms, 3),
+        )
+
+
+def check_metadata_keys(metadata: dict[str, Any]) -> None:
+    bad = [key for key in metadata if not METADATA_KEY.match(key)]
+    if bad:
+        raise ValueError(
+            f"metadata keys must be 1-64 characters of letters, digits, '_', '.', '-': {bad}"
+        )
+
+
+def parse_metadata(text: str | None, what: str) -> dict[str, Any]:
+    """A JSON object from a form field (empty or absent: {}); ValueError names the problem."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{what} must be a JSON object, e.g. {{"colour": "red"}}')
+    check_metadata_keys(value)
+    return value
+
+
+def parse_metadata_filter(text: str | None) -> dict[str, MetadataValue]:
+    """The `metadata` filter of a multipart search: a JSON object of scalar values."""
+    value = parse_metadata(text, "the metadata filter")
+    if not all(isinstance(v, MetadataValue) for v in value.values()):
+        raise ValueError("metadata filter values must be strings, numbers or booleans")
+    return value

@@ -1,0 +1,333 @@
+"""`lookalike demo`: the whole product on one machine, in one command.
+
+1. Build the IconThemes benchmark (cached after the first run).
+2. Start the API on http://127.0.0.1:8000 with its local gpu and cpu workers (`lookalike serve`:
+   SQLite, on-disk FAISS, the embedded SQLite broker; no Redis, no Postgres). Start-up registers
+   the built-in pretrained model.
+3. Over the REST API, as any client would: register the benchmark as a dataset, create the
+   gallery `icons-test` and fill it with the test split (an import job), answer a search.
+4. Train DiVA on the train split (a job on the gpu queue, a few CPU minutes), then re-index the
+   gallery with the trained model (an index job) and search again.
+5. Serve until Ctrl-C.
+
+Everything is found again by name on the next run (dataset, gallery, trained model), so a second
+run only starts the server. All state lives in Settings.data_dir (default ./var).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import mimetypes
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from app.core.config import Settings
+
+DATASET = "icons"
+GALLERY = "icons-test"
+
+
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM arrived."""
+
+
+class DemoError(Exception):
+    """A step failed; the message says what to do."""
+
+
+class Client:
+    """A minimal JSON + multipart client on the standard library (the demo needs no extras)."""
+
+    def __init__(self, base: str, api_key: str | None, stop: threading.Event) -> None:
+        self.base = base
+        self.api_key = api_key
+        self.stop = stop
+
+    def request(self, method: str, path: str, body: Any = None, files=None, form=None) -> Any:
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        data = None
+        if files is not None:
+            data, content_type = multipart(form or {}, files)
+            headers["Content-Type"] = content_type
+        elif body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                text = response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                detail = json.loads(detail)["detail"]
+            raise DemoError(f"{method} {path} answered {error.code}: {detail}") from None
+        return json.loads(text) if text else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        return self.request("POST", path, body, **kwargs)
+
+    def wait_job(
+        self, job: dict[str, Any], what: str, every: float = 2.0, report_s: float = 15.0
+    ) -> dict[str, Any]:
+        """Poll a job until it ends; print its progress when the state changes and at most
+        every `report_s` seconds while it runs."""
+        last_state, last_report = "", 0.0
+        while True:
+            job = self.get(f"/api/v1/jobs/{job['id']}")
+            now = time.monotonic()
+            if job["state"] != last_state or now - last_report >= report_s:
+                typer.echo(f"  {what}: {progress_line(job)}")
+                last_state, last_report = job["state"], now
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                if job["state"] != "succeeded":
+                    raise DemoError(
+                        f"{what} (job {job['id']}) {job['state']}: {job.get('error')}; its log: "
+                        f"GET /api/v1/jobs/{job['id']}/logs"
+                    )
+                return job
+            if self.stop.wait(every):
+                raise Stopped
+
+
+def multipart(form: dict[str, str], files: list[tuple[str, Path]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts: list[bytes] = []
+    for name, value in form.items():
+        header = f'Content-Disposition: form-data; name="{name}"'
+        parts.append(f"--{boundary}\r\n{header}\r\n\r\n{value}\r\n".encode())
+    for name, path in files:
+        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{path.name}"\r\nContent-Type: {kind}\r\n\r\n'.encode()
+            + path.read_bytes()
+            + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def progress_line(job: dict[str, Any]) -> str:
+    words = [job["state"]]
+    if job["state"] == "running":
+        words.append(f"{100 * (job.get('progress') or 0):.0f}%")
+        if job.get("epoch") is not None:
+            words.append(f"epoch {job['epoch']}")
+        if job.get("step") is not None and job.get("total_steps"):
+            words.append(f"step {job['step']}/{job['total_steps']}")
+        metrics = job.get("metrics") or {}
+        shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)][:3]
+        words += shown
+        if job.get("eta") and job["type"] != "train":  # a train job ends at its time budget
+            words.append(f"eta {job['eta'][11:19]} UTC")
+    return ", ".join(words)
+
+
+def by_name(items: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((item for item in items if item["name"] == name), None)
+
+
+def show_hits(client: Client, gallery_id: int, query: Path, label: str) -> float:
+    started = time.perf_counter()
+    answer = client.post(
+        f"/api/v1/galleries/{gallery_id}/search", files=[("image", query)], form={"k": "5"}
+    )
+    took = time.perf_counter() - started
+    hits = ", ".join(f"{h['label']} ({h['score']:.2f})" for h in answer["results"])
+    typer.echo(f"  query {query.parent.name}/{query.name} with {label}: {hits}")
+    return took
+
+
+def run_demo(
+    settings: Settings,
+    benchmark: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    method: str = "diva",
+    train_minutes: float = 3.0,
+    train: bool = True,
+) -> None:
+    from app.cli import serve_processes
+    from training.data.benchmarks.cli import build_icons_command
+
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous: dict[int, Any] = {}
+    benchmark = benchmark.expanduser().absolute()
+    root = settings.dataset_root
+    if root is None:
+        settings = settings.model_copy(update={"dataset_root": benchmark.parent})
+    elif not benchmark.is_relative_to(root.expanduser().absolute()):
+        raise DemoError(
+            f"the benchmark {benchmark} is outside LOOKALIKE_DATASET_ROOT={root}; "
+            "unset it or pass --data under it"
+        )
+    relative = benchmark.relative_to(settings.dataset_root.expanduser().absolute())  # type: ignore[union-attr]
+
+    try:
+        typer.echo(f"[1/5] IconThemes benchmark at {benchmark} (first build: about 3 minutes)")
+        build_icons_command(benchmark)  # Ctrl-C here is safe: builds are atomic
+        # From here on Ctrl-C (or SIGTERM) ends the current step and shuts everything down.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+        typer.echo(f"[2/5] starting the API and its job workers (data in {settings.data_dir})")
+        logs = settings.data_dir / "logs"
+        with serve_processes(settings, host, port, worker_log_dir=logs) as service:
+            # The demo prints what matters; one access-log line per progress poll would bury it.
+            logging.getLogger("uvicorn.access").disabled = True
+            client = Client(service.url, service.api_key, stop)
+            banner(service.url, service.api_key, client)
+            typer.echo(f"  job logs:  {logs}/worker-gpu.log, {logs}/worker-cpu.log")
+            gallery, query = fill_gallery(client, settings, relative)
+            model = client.get(f"/api/v1/models/{gallery['model_id']}")["name"]
+            took = show_hits(client, gallery["id"], query, model)
+            elapsed = time.monotonic() - started
+            typer.echo(
+                f"  first search answered {elapsed:.0f} s after the command started "
+                f"(the search itself took {1000 * took:.0f} ms)"
+            )
+            example_curl(service.url, gallery["id"], query)
+            if train:
+                train_and_reindex(client, gallery, query, method, train_minutes)
+            typer.echo(f"[5/5] serving at {service.url} until Ctrl-C")
+            while not stop.wait(1.0):
+                for queue in service.restart_dead_workers():
+                    typer.echo(f"the {queue} worker exited; started a new one", err=True)
+            typer.echo("stopping (a running job gets a few seconds to end, then is failed)")
+        typer.echo("stopped")
+    except (Stopped, KeyboardInterrupt):
+        typer.echo("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def banner(url: str, api_key: str | None, client: Client) -> None:
+    typer.echo(f"  API:       {url}  (interactive docs: {url}/docs)")
+    if client.status("/") == 200:
+        typer.echo(f"  search page: {url}/")
+    typer.echo(f"  API key:   {api_key or '(none: every route is open)'}  (X-API-Key header)")
+
+
+def fill_gallery(client: Client, settings: Settings, relative: Path) -> tuple[dict, Path]:
+    """The dataset and the gallery of the test split (created and imported on the first run)."""
+    typer.echo(f"[3/5] gallery {GALLERY!r}: the benchmark's test split")
+    dataset = by_name(client.get("/api/v1/datasets"), DATASET)
+    if dataset is None:
+        dataset = client.post(
+            "/api/v1/datasets", {"name": DATASET, "kind": "imagefolder", "path": str(relative)}
+        )
+    gallery = by_name(client.get("/api/v1/galleries"), GALLERY)
+    if gallery is None:
+        gallery = client.post("/api/v1/galleries", {"name": GALLERY})  # the built-in model
+    expected = dataset["splits"]["test"]["images"]
+    imports = client.get("/api/v1/jobs?type=import&state=succeeded&limit=200")["items"]
+    if not any(job["params"].get("gallery_id") == gallery["id"] for job in imports):
+        job = client.post(
+            "/api/v1/jobs",
+            {
+                "type": "import",
+                "params": {"gallery_id": gallery["id"], "folder": str(relative / "test")},
+            },
+        )
+        client.wait_job(job, f"importing {expected} images (job {job['id']})")
+        gallery = client.get(f"/api/v1/galleries/{gallery['id']}")
+    count, model = gallery["image_count"], gallery["model_id"]
+    typer.echo(f"  {count} images (identical files stored once), model {model}")
+    test = settings.dataset_root.expanduser().absolute() / relative / "test"  # type: ignore[union-attr]
+    query = sorted(sorted(test.iterdir())[0].iterdir())[0]
+    return gallery, query
+
+
+def example_curl(url: str, gallery_id: int, query: Path) -> None:
+    typer.echo("  try it:")
+    typer.echo(f"    curl -s -F image=@{query} -F k=5 {url}/api/v1/galleries/{gallery_id}/search")
+
+
+def train_and_reindex(
+    client: Client, gallery: dict, query: Path, method: str, minutes: float
+) -> None:
+    name = f"icons-{method}-demo"
+    model = by_name(client.get("/api/v1/models"), name)
+    if model is None:
+        typer.echo(f"[4/5] training {method} on the train split ({minutes:g} CPU minutes)")
+        dataset = by_name(client.get("/api/v1/datasets"), DATASET)
+        assert dataset is not None
+        job = client.post(
+            "/api/v1/jobs",
+            {
+                "type": "train",
+                "params": {
+                    "dataset_id": dataset["id"],
+                    "method": method,
+                    "preset": "icons",
+                    "model_name": name,
+                    "hyperparameters": {"time_budget_min": minutes},
+                },
+            },
+        )
+        typer.echo(f"  job {job['id']}: GET /api/v1/jobs/{job['id']} (and .../logs)")
+        job = client.wait_job(job, f"training (job {job['id']})", every=5.0, report_s=30.0)
+        model = client.get(f"/api/v1/models/{job['result']['model_id']}")
+    else:
+        typer.echo(f"[4/5] trained model {name!r} exists (model {model['id']})")
+    if gallery["model_id"] != model["id"]:
+        job = client.post(
+            "/api/v1/jobs",
+            {"type": "index", "params": {"gallery_id": gallery["id"], "model_id": model["id"]}},
+        )
+        client.wait_job(job, f"re-indexing with {name} (job {job['id']})")
+        show_hits(client, gallery["id"], query, name)
+
+
+def demo_command(
+    settings: Settings,
+    data: Path,
+    host: str,
+    port: int,
+    method: str,
+    train_minutes: float,
+    train: bool,
+) -> None:
+    try:
+        run_demo(
+            settings,
+            data,
+            host=host,
+            port=port,
+            method=method,
+            train_minutes=train_minutes,
+            train=train,
+        )
+    except DemoError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None

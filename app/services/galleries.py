@@ -1,0 +1,208 @@
+"""Galleries: a named set of images searched with one model version and one index type."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import Gallery, Image, ImageEmbedding, IndexVersion, Model
+from app.index_store import IndexType
+from app.services.errors import Conflict, Invalid, NotFound
+from app.services.models import BUILTIN_MODEL, get_model
+from app.services.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class GalleryInfo:
+    gallery: Gallery
+    image_count: int
+    labelled_count: int
+    index_size: int | None  # vectors in the loaded index; None when not loaded in this process
+    suggested_index_type: str | None  # an approximate type once the gallery outgrows "flat"
+
+
+def get_gallery(session: Session, gallery_id: int) -> Gallery:
+    gallery = session.get(Gallery, gallery_id)
+    if gallery is None:
+        raise NotFound(
+            f"gallery {gallery_id} does not exist; GET /api/v1/galleries lists the galleries"
+        )
+    return gallery
+
+
+def _index_type(value: str) -> IndexType:
+    try:
+        return IndexType(value)
+    except ValueError:
+        choices = ", ".join(t.value for t in IndexType)
+        raise Invalid(f"unknown index type {value!r}; choose one of {choices}") from None
+
+
+def create_gallery(
+    session: Session,
+    name: str,
+    model_id: int | None = None,
+    index_type: str = IndexType.flat.value,
+    index_params: dict[str, Any] | None = None,
+) -> Gallery:
+    """A new, empty gallery; `model_id` None means the built-in pretrained model."""
+    if model_id is None:
+        model_id = session.scalar(select(Model.id).where(Model.name == BUILTIN_MODEL))
+        if model_id is None:
+            raise NotFound("give a model_id: the built-in model is not installed on this server")
+    get_model(session, model_id)
+    kind = _index_type(index_type)
+    gallery = Gallery(
+        name=name,
+        model_id=model_id,
+        index_type=kind.value,
+        index_params=index_params or {},
+        index_version=1,
+        revision=0,
+    )
+    session.add(gallery)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"a gallery named {name!r} already exists; choose another name") from None
+    session.add(
+        IndexVersion(
+            gallery_id=gallery.id,
+            version=1,
+            model_id=model_id,
+            index_type=kind.value,
+            index_params=gallery.index_params,
+            size=0,
+        )
+    )
+    session.commit()
+    return gallery
+
+
+def list_galleries(runtime: Runtime, session: Session) -> list[GalleryInfo]:
+    galleries = session.scalars(select(Gallery).order_by(Gallery.id)).all()
+    counts = dict(
+        session.execute(select(Image.gallery_id, func.count()).group_by(Image.gallery_id)).all()
+    )
+    labelled = dict(
+        session.execute(
+            select(Image.gallery_id, func.count())
+            .where(Image.label.is_not(None))
+            .group_by(Image.gallery_id)
+        ).all()
+    )
+    return [_info(runtime, g, counts.get(g.id, 0), labelled.get(g.id, 0)) for g in galleries]
+
+
+def gallery_info(runtime: Runtime, session: Session, gallery_id: int) -> GalleryInfo:
+    gallery = get_gallery(session, gallery_id)
+    count = session.scalar(select(func.count()).where(Image.gallery_id == gallery_id)) or 0
+    labelled = (
+        session.scalar(
+            select(func.count()).where(Image.gallery_id == gallery_id, Image.label.is_not(None))
+        )
+        or 0
+    )
+    return _info(runtime, gallery, count, labelled)
+
+
+def _info(runtime: Runtime, gallery: Gallery, count: int, labelled: int) -> GalleryInfo:
+    index = runtime.index_store.get(gallery.id, gallery.model_id)
+    suggestion = None
+    if gallery.index_type == IndexType.flat and count > runtime.settings.hnsw_suggest_threshold:
+        suggestion = IndexType.hnsw.value
+    return GalleryInfo(gallery, count, labelled, None if index is None else len(index), suggestion)
+
+
+def delete_gallery(runtime: Runtime, session: Session, gallery_id: int) -> None:
+    gallery = get_gallery(session, gallery_id)
+    session.delete(gallery)
+    session.commit()
+    runtime.indexes.forget(gallery_id)
+    shutil.rmtree(runtime.settings.uploads_dir / str(gallery_id), ignore_errors=True)
+
+
+def missing_embeddings(session: Session, gallery_id: int, model_id: int) -> list[int]:
+    """Ids of the gallery's images that have no embedding by `model_id` yet."""
+    has_embedding = exists().where(
+        ImageEmbedding.image_id == Image.id, ImageEmbedding.model_id == model_id
+    )
+    return list(
+        session.scalars(
+            select(Image.id)
+            .where(Image.gallery_id == gallery_id, ~has_embedding)
+            .order_by(Image.id)
+        )
+    )
+
+
+def switch_index(
+    runtime: Runtime,
+    session: Session,
+    gallery_id: int,
+    *,
+    model_id: int | None = None,
+    index_type: str | None = None,
+    index_params: dict[str, Any] | None = None,
+) -> Gallery:
+    """Make a new index version the gallery's active one: another model (every image must
+    already have an embedding by it: `images.embed_missing`), another index type or other
+    parameters. The index is built from the stored embeddings (nothing is re-embedded) and its
+    snapshot written; other processes load that snapshot when they see the new version.
+
+    Raises Conflict when images still lack embeddings by the new model (uploads that arrived
+    meanwhile): embed those and call again."""
+    gallery = get_gallery(session, gallery_id)
+    target_model = gallery.model_id if model_id is None else get_model(session, model_id).id
+    kind = _index_type(index_type or gallery.index_type)
+    params = gallery.index_params if index_params is None else index_params
+    version = gallery.index_version + 1
+    # The guarded update is the transaction's first write: it locks the gallery row against
+    # concurrent uploads (which check the model in the same way) until the commit.
+    switched = session.execute(
+        update(Gallery)
+        .where(Gallery.id == gallery_id, Gallery.index_version == gallery.index_version)
+        .values(
+            model_id=target_model,
+            index_type=kind.value,
+            index_params=params,
+            index_version=version,
+            revision=Gallery.revision + 1,
+        )
+    ).rowcount
+    if not switched:
+        session.rollback()
+        raise Conflict(f"gallery {gallery_id} was switched concurrently; retry")
+    missing = missing_embeddings(session, gallery_id, target_model)
+    if missing:
+        session.rollback()
+        raise Conflict(
+            f"{len(missing)} images of gallery {gallery_id} have no embedding by model "
+            f"{target_model} yet; embed them first"
+        )
+    size = session.scalar(
+        select(func.count())
+        .select_from(ImageEmbedding)
+        .join(Image, Image.id == ImageEmbedding.image_id)
+        .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == target_model)
+    )
+    session.add(
+        IndexVersion(
+            gallery_id=gallery_id,
+            version=version,
+            model_id=target_model,
+            index_type=kind.value,
+            index_params=params,
+            size=size or 0,
+        )
+    )
+    session.commit()
+    session.refresh(gallery)
+    runtime.indexes.refresh(gallery_id)
+    return gallery

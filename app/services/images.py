@@ -1,0 +1,331 @@
+"""Adding, listing and deleting a gallery's images.
+
+The upload path (durability design): decode and validate every file, embed the good ones,
+write each to a server-generated name (fsync), then commit image + embedding rows in one
+transaction, and only then apply them to the in-memory index and acknowledge. A crash before
+the commit leaves at most an unreferenced file; after it, start-up replay restores the index.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.db.models import Gallery, Image, ImageEmbedding, Model
+from app.imaging import ImageRejected, content_hash, open_upload, sniff_content_type
+from app.imaging import thumbnail_bytes as make_thumbnail
+from app.services.errors import Conflict, NotFound
+from app.services.galleries import get_gallery, missing_embeddings
+from app.services.models import embedder_for, get_model
+from app.services.runtime import Runtime
+
+# File name extension of each accepted format (app.imaging.ACCEPTED_FORMATS).
+EXTENSIONS = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+}
+
+
+@dataclass
+class Upload:
+    """One file of an upload request, with what the caller says about it."""
+
+    data: bytes
+    filename: str | None = None  # the client's name: echoed in the result, never used as a path
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    external_id: str | None = None
+
+
+@dataclass
+class UploadResult:
+    """Per-file outcome: the image (new or the existing duplicate) or the error."""
+
+    filename: str | None
+    image: Image | None = None
+    duplicate: bool = False
+    error: str | None = None
+    status_code: int = 201
+
+
+@dataclass
+class _Decoded:
+    position: int
+    upload: Upload
+    picture: PILImage.Image
+    digest: str
+    content_type: str
+    extension: str
+    file_name: str = ""
+
+
+def get_image(session: Session, image_id: int) -> Image:
+    image = session.get(Image, image_id)
+    if image is None:
+        raise NotFound(f"image {image_id} does not exist")
+    return image
+
+
+def image_path(settings: Settings, image: Image) -> Path:
+    return settings.uploads_dir / image.file_name
+
+
+def thumbnail(settings: Settings, image: Image) -> bytes:
+    data = image_path(settings, image).read_bytes()
+    return make_thumbnail(
+        open_upload(data, max_pixels=settings.max_image_pixels), settings.thumbnail_size
+    )
+
+
+def list_images(
+    session: Session, gallery_id: int, *, label: str | None, offset: int, limit: int
+) -> tuple[list[Image], int]:
+    get_gallery(session, gallery_id)
+    where = [Image.gallery_id == gallery_id]
+    if label is not None:
+        where.append(Image.label == label)
+    total = session.scalar(select(func.count()).select_from(Image).where(*where)) or 0
+    items = session.scalars(
+        select(Image).where(*where).order_by(Image.id).offset(offset).limit(limit)
+    ).all()
+    return list(items), total
+
+
+def add_images(
+    runtime: Runtime, session: Session, gallery_id: int, uploads: list[Upload]
+) -> list[UploadResult]:
+    """Add files to a gallery; one bad file does not reject the others. A file whose content
+    is already in the gallery returns the existing image (status 200, duplicate)."""
+    settings = runtime.settings
+    gallery = get_gallery(session, gallery_id)
+    results = [UploadResult(filename=u.filename) for u in uploads]
+    decoded: list[_Decoded] = []
+    for position, upload in enumerate(uploads):
+        try:
+            picture = open_upload(
+                upload.data,
+                max_pixels=settings.max_image_pixels,
+                max_bytes=settings.max_upload_bytes,
+            )
+        except ImageRejected as error:
+            results[position].error = error.detail
+            results[position].status_code = error.status_code
+            continue
+        decoded.append(
+            _Decoded(
+                position,
+                upload,
+                picture,
+                content_hash(upload.data),
+                sniff_content_type(picture),
+                EXTENSIONS[picture.format or ""],
+            )
+        )
+    pending = _resolve_duplicates(session, gallery_id, decoded, results)
+    written: list[Path] = []
+    committed: set[str] = set()
+    try:
+        for _ in range(3):
+            if not pending:
+                break
+            model = get_model(session, gallery.model_id)
+            vectors = embedder_for(runtime, model).embed_sync([d.picture for d in pending])
+            written += _write_files(settings, gallery_id, [d for d in pending if not d.file_name])
+            try:
+                created = _commit(session, gallery, model, pending, vectors)
+            except IntegrityError:  # the same content committed concurrently: a duplicate now
+                session.rollback()
+                pending = _resolve_duplicates(session, gallery_id, pending, results)
+                continue
+            if created is None:  # switched to another model meanwhile: embed again
+                session.expire(gallery)
+                gallery = get_gallery(session, gallery_id)
+                continue
+            revision, images = created
+            committed = {d.file_name for d in pending}
+            for item, image in zip(pending, images, strict=True):
+                results[item.position].image = image
+            runtime.indexes.apply(
+                gallery_id,
+                model.id,
+                revision,
+                added=(np.array([i.id for i in images], dtype=np.int64), vectors),
+            )
+            pending = []
+        if pending:
+            raise Conflict(f"gallery {gallery_id} keeps switching models; retry the upload")
+    finally:
+        for path in written:  # files of rows that were not committed: leave nothing behind
+            if path.relative_to(settings.uploads_dir).as_posix() not in committed:
+                path.unlink(missing_ok=True)
+    _fill_request_duplicates(decoded, results)
+    return results
+
+
+def _resolve_duplicates(
+    session: Session, gallery_id: int, items: list[_Decoded], results: list[UploadResult]
+) -> list[_Decoded]:
+    """Mark items whose content is already stored (or repeated earlier in the request) as
+    duplicates; returns the items still to add."""
+    digests = list({d.digest for d in items})
+    existing = {
+        image.content_hash: image
+        for image in session.scalars(
+            select(Image).where(Image.gallery_id == gallery_id, Image.content_hash.in_(digests))
+        )
+    }
+    pending: list[_Decoded] = []
+    seen: set[str] = set()
+    for item in items:
+        result = results[item.position]
+        if item.digest in existing:
+            result.image, result.duplicate, result.status_code = existing[item.digest], True, 200
+        elif item.digest in seen:
+            result.duplicate, result.status_code = True, 200  # filled once the first commits
+        else:
+            seen.add(item.digest)
+            pending.append(item)
+    return pending
+
+
+def _fill_request_duplicates(decoded: list[_Decoded], results: list[UploadResult]) -> None:
+    by_digest = {d.digest: results[d.position].image for d in decoded if results[d.position].image}
+    for item in decoded:
+        result = results[item.position]
+        if result.duplicate and result.image is None:
+            result.image = by_digest.get(item.digest)
+
+
+def _write_files(settings: Settings, gallery_id: int, items: list[_Decoded]) -> list[Path]:
+    """Write each file under a fresh server-generated name and flush it to disk."""
+    folder = settings.uploads_dir / str(gallery_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for item in items:
+        item.file_name = f"{gallery_id}/{uuid.uuid4().hex}.{item.extension}"
+        path = settings.uploads_dir / item.file_name
+        with open(path, "xb") as out:
+            out.write(item.upload.data)
+            out.flush()
+            os.fsync(out.fileno())
+        paths.append(path)
+    if paths:
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    return paths
+
+
+def _commit(
+    session: Session, gallery: Gallery, model: Model, items: list[_Decoded], vectors: np.ndarray
+) -> tuple[int, list[Image]] | None:
+    """One transaction: bump the gallery's revision if it still uses `model` (the first write
+    locks the gallery row, so a concurrent switch waits), insert images and embeddings."""
+    revision = session.scalar(
+        update(Gallery)
+        .where(Gallery.id == gallery.id, Gallery.model_id == model.id)
+        .values(revision=Gallery.revision + 1)
+        .returning(Gallery.revision)
+    )
+    if revision is None:
+        session.rollback()
+        get_gallery(session, gallery.id)  # NotFound if it was deleted
+        return None
+    images = []
+    for item in items:
+        image = Image(
+            gallery_id=gallery.id,
+            content_hash=item.digest,
+            file_name=item.file_name,
+            content_type=item.content_type,
+            width=item.picture.width,
+            height=item.picture.height,
+            size_bytes=len(item.upload.data),
+            label=item.upload.label,
+            meta=item.upload.metadata,
+            external_id=item.upload.external_id,
+        )
+        session.add(image)
+        images.append(image)
+    session.flush()
+    session.add_all(
+        ImageEmbedding(image_id=image.id, model_id=model.id, vector=vector.tobytes())
+        for image, vector in zip(images, np.asarray(vectors, dtype=np.float32), strict=True)
+    )
+    session.commit()
+    return revision, images
+
+
+def delete_image(runtime: Runtime, session: Session, image_id: int) -> None:
+    image = get_image(session, image_id)
+    row = session.execute(
+        update(Gallery)
+        .where(Gallery.id == image.gallery_id)
+        .values(revision=Gallery.revision + 1)
+        .returning(Gallery.revision, Gallery.model_id)
+    ).one()
+    session.delete(image)
+    session.commit()
+    image_path(runtime.settings, image).unlink(missing_ok=True)
+    runtime.indexes.apply(
+        image.gallery_id, row.model_id, row.revision, removed=np.array([image_id], dtype=np.int64)
+    )
+
+
+def embed_missing(
+    runtime: Runtime,
+    session: Session,
+    gallery_id: int,
+    model_id: int,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Store embeddings by `model_id` for the gallery's images that lack one (the index job,
+    before `galleries.switch_index`); returns how many were added. `progress(done, total)`."""
+    model = get_model(session, model_id)
+    embedder = embedder_for(runtime, model)
+    todo = missing_embeddings(session, gallery_id, model_id)
+    done = 0
+    for start in range(0, len(todo), batch_size):
+        images = session.scalars(
+            select(Image).where(Image.id.in_(todo[start : start + batch_size]))
+        ).all()
+        pictures = [
+            open_upload(
+                image_path(runtime.settings, image).read_bytes(),
+                max_pixels=runtime.settings.max_image_pixels,
+            )
+            for image in images
+        ]
+        vectors = embedder.embed_sync(pictures)
+        session.add_all(
+            ImageEmbedding(image_id=image.id, model_id=model_id, vector=vector.tobytes())
+            for image, vector in zip(images, vectors, strict=True)
+        )
+        try:
+            session.commit()
+        except IntegrityError:  # deleted or embedded concurrently: the next pass sees it
+            session.rollback()
+            continue
+        done += len(images)
+        if progress is not None:
+            progress(done, len(todo))
+    return done

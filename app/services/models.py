@@ -1,0 +1,173 @@
+"""Registering embedding models: an artifact (card.json + model.safetensors, see
+`training.checkpoint`) is validated by loading it, copied under Settings.models_dir with a
+server-generated name and never changed again (a model version is immutable)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.db.models import Gallery, Model
+from app.embedder import BatchingEmbedder
+from app.services.errors import Conflict, Invalid, NotFound
+from app.services.runtime import Runtime
+from training.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_model
+from training.evaluation.cluster_classifier import ClusterClassifier
+
+BUILTIN_MODEL = "pretrained-efficientnet-lite0"
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.scalars(select(Model).order_by(Model.id)))
+
+
+def get_model(session: Session, model_id: int) -> Model:
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} does not exist; GET /api/v1/models lists the models")
+    return model
+
+
+def artifact_dir(settings: Settings, model: Model) -> Path:
+    return settings.models_dir / model.artifact
+
+
+def register_artifact(
+    session: Session, settings: Settings, source: Path, name: str, *, builtin: bool = False
+) -> Model:
+    """Validate the artifact directory `source`, copy it into the model store and register it
+    under `name` (committed). Used by the API, the seed step and the training job."""
+    _check_name_free(session, name)
+    staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(source, staging, symlinks=False)
+        return _register_staged(session, settings, staging, name, builtin=builtin)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def register_upload(
+    session: Session, settings: Settings, name: str, card: bytes, weights: Iterable[bytes]
+) -> Model:
+    """Register an artifact sent as its two files (the card's JSON and the weights' chunks)."""
+    _check_name_free(session, name)
+    staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        (staging / CARD_FILE).write_bytes(card)
+        with open(staging / WEIGHTS_FILE, "wb") as out:
+            for chunk in weights:
+                out.write(chunk)
+        return _register_staged(session, settings, staging, name, builtin=False)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def register_path(session: Session, settings: Settings, name: str, path: str) -> Model:
+    """Register an artifact directory named by a path under Settings.model_root (relative to
+    it, or absolute inside it); symlinks leading out of the root are refused."""
+    if settings.model_root is None:
+        raise Invalid(
+            "registering a model by path is disabled: set LOOKALIKE_MODEL_ROOT on the server, "
+            "or upload the artifact's card.json and model.safetensors"
+        )
+    root = settings.model_root.resolve()
+    candidate = Path(path)
+    outside = Invalid(f"{path!r} is not a model directory under the server's model root")
+    try:
+        directory = (root / candidate).resolve(strict=True)
+        files = [(directory / f).resolve(strict=True) for f in (CARD_FILE, WEIGHTS_FILE)]
+    except (OSError, RuntimeError) as error:
+        raise outside from error
+    if not all(p.is_relative_to(root) for p in (directory, *files)) or not directory.is_dir():
+        raise outside
+    return register_artifact(session, settings, directory, name)
+
+
+def _check_name_free(session: Session, name: str) -> None:
+    if session.scalar(select(exists().where(Model.name == name))):
+        raise Conflict(f"a model named {name!r} already exists; choose another name")
+
+
+def _register_staged(
+    session: Session, settings: Settings, staging: Path, name: str, *, builtin: bool
+) -> Model:
+    try:
+        _, card, _ = load_model(staging)
+    except CheckpointError as error:
+        message = str(error).replace(str(staging), "the artifact")
+        raise Invalid(f"not a valid model artifact: {message}") from error
+    artifact = uuid.uuid4().hex
+    model = Model(
+        name=name,
+        artifact=artifact,
+        method=str(card.method.get("name", "unknown")),
+        embedding_dim=card.embedding_dim,
+        card=card.model_dump(mode="json"),
+        builtin=builtin,
+    )
+    staging.rename(settings.models_dir / artifact)
+    session.add(model)
+    try:
+        session.commit()
+    except Exception:
+        session.rollback()
+        shutil.rmtree(settings.models_dir / artifact, ignore_errors=True)
+        raise
+    return model
+
+
+def ensure_builtin(session: Session, settings: Settings) -> Model:
+    """The pretrained EfficientNet-Lite0 features (training's `lookalike pretrained`), built
+    and registered on first start so a fresh install can search at once."""
+    model = session.scalar(select(Model).where(Model.name == BUILTIN_MODEL))
+    if model is not None:
+        return model
+    from training.cli import pretrained
+
+    staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        pretrained(staging)
+        return _register_staged(session, settings, staging, BUILTIN_MODEL, builtin=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def delete_model(session: Session, settings: Settings, model_id: int) -> None:
+    model = get_model(session, model_id)
+    if model.builtin:
+        raise Conflict("the built-in model cannot be deleted")
+    users = session.scalar(select(func.count()).where(Gallery.model_id == model_id))
+    if users:
+        raise Conflict(
+            f"model {model_id} is used by {users} galleries; delete them or switch them "
+            "to another model first"
+        )
+    session.delete(model)
+    session.commit()
+    shutil.rmtree(artifact_dir(settings, model), ignore_errors=True)
+
+
+def embedder_for(runtime: Runtime, model: Model) -> BatchingEmbedder:
+    """The shared, batching embedder of a model (loaded on first use)."""
+    return runtime.embedders.get(str(model.id), artifact_dir(runtime.settings, model))
+
+
+def cluster_classifier(runtime: Runtime, model: Model) -> ClusterClassifier | None:
+    """Magnet's kNN-on-clusters classifier from the artifact's extras (None for other models)."""
+    if model.method != "magnet":
+        return None
+    if model.id not in runtime.cluster_classifiers:
+        _, _, extras = load_model(artifact_dir(runtime.settings, model))
+        try:
+            classifier = ClusterClassifier.from_extras(extras)
+        except ValueError:  # a Magnet artifact saved before its clusters were fitted
+            classifier = None
+        runtime.cluster_classifiers[model.id] = classifier
+    return runtime.cluster_classifiers[model.id]

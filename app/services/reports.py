@@ -1,0 +1,348 @@
+"""Evaluation reports for the web interface (read-only): what is known about a model's quality
+on a dataset, gathered from the model's card, the train job that produced it (its per-epoch
+metrics.jsonl) and the evaluate jobs run on it; plus the plots, rendered with matplotlib
+(PNG, no display needed): Recall@K curves, training curves, train vs test Recall@1, and a 2-D
+t-SNE map of the test embeddings (computed once and cached under DATA_DIR/reports)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.db.models import Dataset, Job, Model
+from app.db.models.jobs import JobState, JobType
+from app.services.errors import Invalid, NotFound
+from app.services.models import artifact_dir, get_model
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("recall", "training", "memorisation", "tsne")
+TSNE_MAX_POINTS = 1000  # a stratified sample of the split keeps t-SNE to seconds on a CPU
+TSNE_SEED = 0
+_RECALL_PREFIX = "recall@"
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@dataclass
+class Source:
+    """One set of metrics on one split: from training (the model card) or an evaluate job."""
+
+    name: str  # e.g. "test (training)", "test (evaluation job 7)"
+    split: str
+    metrics: dict[str, float]
+    job_id: int | None = None
+
+
+@dataclass
+class Report:
+    model: Model
+    dataset: Dataset | None
+    train_job: Job | None
+    sources: list[Source] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def recall_curves(self) -> dict[str, dict[int, float]]:
+        curves = {}
+        for source in self.sources:
+            points = {
+                int(name[len(_RECALL_PREFIX) :]): float(value)
+                for name, value in source.metrics.items()
+                if name.startswith(_RECALL_PREFIX) and name[len(_RECALL_PREFIX) :].isdigit()
+            }
+            if points:
+                curves[source.name] = dict(sorted(points.items()))
+        return curves
+
+    def memorisation(self) -> dict[str, float] | None:
+        """Train vs test Recall@1, from evaluate jobs when both exist, else from training."""
+        for origin in ("evaluation", "training"):
+            found = {}
+            for source in self.sources:
+                if origin in source.name and "recall@1" in source.metrics:
+                    found.setdefault(source.split, float(source.metrics["recall@1"]))
+            if "train" in found and "test" in found:
+                return {"train": found["train"], "test": found["test"]}
+        return None
+
+    def plots(self) -> list[str]:
+        available = []
+        if self.recall_curves():
+            available.append("recall")
+        if self.epochs:
+            available.append("training")
+        if self.memorisation():
+            available.append("memorisation")
+        if self.dataset is not None and self.dataset.status == "ready":
+            available.append("tsne")
+        return available
+
+    def as_dict(self) -> dict[str, Any]:
+        model, dataset, job = self.model, self.dataset, self.train_job
+        return {
+            "model": {
+                "id": model.id,
+                "name": model.name,
+                "method": model.method,
+                "embedding_dim": model.embedding_dim,
+            },
+            "dataset": None
+            if dataset is None
+            else {"id": dataset.id, "name": dataset.name, "status": dataset.status},
+            "train_job_id": None if job is None else job.id,
+            "sources": [
+                {"name": s.name, "split": s.split, "job_id": s.job_id, "metrics": s.metrics}
+                for s in self.sources
+            ],
+            "recall_curves": {
+                name: {str(k): v for k, v in curve.items()}
+                for name, curve in self.recall_curves().items()
+            },
+            "epochs": self.epochs,
+            "memorisation": self.memorisation(),
+            "plots": self.plots(),
+        }
+
+
+def _flat_metrics(values: Any) -> dict[str, float]:
+    if not isinstance(values, dict):
+        return {}
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+
+
+def _train_job(session: Session, model_id: int) -> Job | None:
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.type == JobType.train, Job.state == JobState.succeeded)
+        .order_by(Job.id.desc())
+    )
+    return next((j for j in jobs if (j.result or {}).get("model_id") == model_id), None)
+
+
+def _epochs(job: Job | None) -> list[dict[str, Any]]:
+    """Per-epoch loss and validation metrics from the run's metrics.jsonl."""
+    run_dir = (job.result or {}).get("run_dir") if job is not None else None
+    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    epochs = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        epochs.append(
+            {
+                "epoch": record.get("epoch"),
+                "iteration": record.get("iteration"),
+                "loss": record.get("loss"),
+                "val": _flat_metrics(record.get("val")),
+                "test": _flat_metrics(record.get("test")),
+            }
+        )
+    return epochs
+
+
+def build_report(session: Session, model_id: int, dataset_id: int | None = None) -> Report:
+    """The report of `model_id` on `dataset_id` (default: the dataset it was trained on)."""
+    model = get_model(session, model_id)
+    train_job = _train_job(session, model_id)
+    if dataset_id is None and train_job is not None:
+        dataset_id = train_job.params.get("dataset_id")
+    dataset = None
+    if dataset_id is not None:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise NotFound(f"dataset {dataset_id} does not exist; GET /api/v1/datasets lists them")
+    report = Report(model, dataset, train_job, epochs=_epochs(train_job))
+    card_metrics = (model.card or {}).get("metrics") or {}
+    trained_on = train_job is not None and train_job.params.get("dataset_id") == dataset_id
+    if trained_on or train_job is None:
+        for split in ("val", "test", "train"):
+            metrics = _flat_metrics(card_metrics.get(split))
+            if metrics:
+                report.sources.append(Source(f"{split} (training)", split, metrics))
+    if dataset is not None:
+        evaluations = session.scalars(
+            select(Job)
+            .where(Job.type == JobType.evaluate, Job.state == JobState.succeeded)
+            .order_by(Job.id.desc())
+        )
+        seen = set()
+        for job in evaluations:
+            params = job.params or {}
+            if params.get("model_id") != model_id or params.get("dataset_id") != dataset.id:
+                continue
+            split = params.get("split", "test")
+            metrics = _flat_metrics((job.result or {}).get("metrics"))
+            if split in seen or not metrics:
+                continue  # only the latest evaluation per split
+            seen.add(split)
+            report.sources.append(
+                Source(f"{split} (evaluation job {job.id})", split, metrics, job.id)
+            )
+    return report
+
+
+# ---------------------------------------------------------------------- plots
+def _figure(width: float = 6.4, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()
+
+
+def plot(settings: Settings, session: Session, report: Report, name: str, split: str) -> bytes:
+    """One plot of the report as PNG bytes; NotFound when the report lacks its data."""
+    if name not in PLOTS:
+        raise NotFound(f"no plot {name!r}; choose one of: {', '.join(PLOTS)}")
+    if name not in report.plots():
+        raise NotFound(f"the report has no data for the {name} plot yet")
+    if name == "tsne":
+        return tsne_png(settings, report, split)
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure()
+    axes = figure.add_subplot()
+    if name == "recall":
+        for label, curve in report.recall_curves().items():
+            ks = list(curve)
+            axes.plot(ks, [curve[k] for k in ks], marker="o", label=label)
+        ks = sorted({k for curve in report.recall_curves().values() for k in curve})
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(ks, [str(k) for k in ks])
+        axes.minorticks_off()
+        axes.set_xlabel("K")
+        axes.set_ylabel("Recall@K")
+        axes.set_ylim(0, 1.02)
+        axes.legend(fontsize="small")
+    elif name == "training":
+        epochs = [e["epoch"] for e in report.epochs]
+        losses = [e["loss"] for e in report.epochs]
+        axes.plot(epochs, losses, marker="o", color="tab:red", label="training loss")
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel("training loss", color="tab:red")
+        recall = [(e["epoch"], e["val"].get("recall@1")) for e in report.epochs]
+        recall = [(x, y) for x, y in recall if y is not None]
+        if recall:
+            other = axes.twinx()
+            other.plot(*zip(*recall, strict=True), marker="s", color="tab:blue")
+            other.set_ylabel("validation Recall@1", color="tab:blue")
+            other.set_ylim(0, 1.02)
+    else:  # memorisation
+        values = report.memorisation() or {}
+        colours = ["tab:orange", "tab:blue"]
+        bars = axes.bar(["train", "test"], [values["train"], values["test"]], color=colours)
+        axes.bar_label(bars, fmt="%.3f")
+        axes.set_ylim(0, 1.05)
+        axes.set_ylabel("Recall@1")
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def _lock(key: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def tsne_points(settings: Settings, report: Report, split: str) -> dict[str, Any]:
+    """{"x", "y", "labels", "classes"}: a stratified sample of the split's embeddings by the
+    model, mapped to 2-D with t-SNE; cached in DATA_DIR/reports (models are immutable)."""
+    assert report.dataset is not None
+    if split not in ("test", "train"):
+        raise Invalid("split must be test or train")
+    key = f"tsne-model{report.model.id}-dataset{report.dataset.id}-{split}"
+    cache = settings.data_dir / "reports" / f"{key}.json"
+    with _lock(key):
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        points = _compute_tsne(settings, report, split)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_suffix(".tmp")
+        temporary.write_text(json.dumps(points))
+        temporary.replace(cache)
+        return points
+
+
+def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[str, Any]:
+    import torch
+    from sklearn.manifold import TSNE
+
+    from training.checkpoint import load_model
+    from training.data.image_dataset import drop_unreadable
+    from training.data.readers import load_dataset
+    from training.evaluation.embed import compute_embeddings
+
+    assert report.dataset is not None
+    split = getattr(load_dataset(report.dataset.spec), split_name)
+    split, _ = drop_unreadable(split)
+    if len(split) < 5:
+        raise Invalid(f"the {split_name} split has {len(split)} images: too few for a map")
+    if len(split) > TSNE_MAX_POINTS:  # a random sample keeps every class's share
+        rng = np.random.default_rng(TSNE_SEED)
+        split = split.subset(sorted(rng.permutation(len(split))[:TSNE_MAX_POINTS].tolist()))
+    network, card, _ = load_model(artifact_dir(settings, report.model))
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    embeddings, codes = compute_embeddings(
+        network, split, card.preprocessing.transform_config(), num_workers=0, device="cpu"
+    )
+    perplexity = float(min(30.0, max(2.0, (len(embeddings) - 1) / 3)))
+    coords = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=TSNE_SEED
+    ).fit_transform(embeddings)
+    return {
+        "x": coords[:, 0].round(4).tolist(),
+        "y": coords[:, 1].round(4).tolist(),
+        "labels": codes.astype(int).tolist(),
+        "classes": list(split.class_names),
+    }
+
+
+def tsne_png(settings: Settings, report: Report, split: str) -> bytes:
+    points = tsne_points(settings, report, split)
+    figure = _figure(6.4, 5.2)
+    axes = figure.add_subplot()
+    labels = np.asarray(points["labels"])
+    classes = points["classes"]
+    import matplotlib
+
+    palette = 10 if len(classes) <= 10 else 20
+    colours = matplotlib.colormaps[f"tab{palette}"]
+    markers = "os^Dv<>p*h"
+    size = 36 if len(labels) <= 300 else 14
+    for code in np.unique(labels):
+        chosen = labels == code
+        axes.scatter(
+            np.asarray(points["x"])[chosen],
+            np.asarray(points["y"])[chosen],
+            s=size,
+            color=colours(int(code) % palette),
+            marker=markers[(int(code) // palette) % len(markers)],
+            label=classes[code] if code < len(classes) else str(code),
+            alpha=0.85,
+        )
+    if len(classes) <= 20:
+        axes.legend(fontsize="x-small", markerscale=1.2, loc="best", ncols=2)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    dataset = report.dataset.name if report.dataset else ""
+    count = len(set(labels.tolist()))
+    axes.set_title(f"t-SNE of {len(labels)} {split} embeddings ({dataset}), {count} classes")
+    return _png(figure)

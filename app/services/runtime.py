@@ -1,0 +1,55 @@
+"""Everything a service call needs, built once per process from Settings: the API's lifespan
+and a Celery worker both build one (`Runtime.start`) and close it on the way out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.db.session import make_engine, make_session_factory
+from app.embedder import EmbedderRegistry
+from app.index_store import IndexStore, set_search_threads
+from app.services.indexes import IndexManager
+from training.evaluation.cluster_classifier import ClusterClassifier
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    index_store: IndexStore
+    embedders: EmbedderRegistry
+    indexes: IndexManager
+    # Magnet cluster classifiers from model artifacts, by model id (None: the model has none).
+    cluster_classifiers: dict[int, ClusterClassifier | None] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, settings: Settings, on_batch: Callable[[int], None] | None = None) -> Runtime:
+        """Connect to the database and prepare (empty) index and embedder caches; the schema
+        must already be at head (`app.db.migrate.upgrade`)."""
+        for directory in (settings.uploads_dir, settings.indexes_dir, settings.models_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        set_search_threads(settings.faiss_search_threads)
+        engine = make_engine(settings)
+        session_factory = make_session_factory(engine)
+        index_store = IndexStore(settings.indexes_dir)
+        embedders = EmbedderRegistry(
+            device=settings.device,
+            max_batch=settings.embed_batch_size,
+            max_wait_ms=settings.embed_max_wait_ms,
+            threads=settings.torch_threads,
+            on_batch=on_batch,
+        )
+        indexes = IndexManager(index_store, session_factory, settings.snapshot_every)
+        return cls(settings, engine, session_factory, index_store, embedders, indexes)
+
+    def close(self) -> None:
+        """Snapshot indexes with unsaved changes, stop the embedders, release connections."""
+        self.indexes.save_dirty()
+        self.embedders.close()
+        self.engine.dispose()

@@ -1,0 +1,280 @@
+"""Search a gallery by image, by a stored image, or by raw vector; classify by neighbours.
+
+Filters (labels, metadata equality) select the allowed image ids in the database first and the
+index searches only those (a FAISS IDSelector), so a filtered search still returns k hits when
+k exist. Paging is a re-search with k + offset; the exact index pages deterministically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import ColumnElement, and_, cast, func, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from app.db.models import Gallery, Image, ImageEmbedding
+from app.imaging import ImageRejected, open_upload
+from app.services.errors import Conflict, Invalid, ServiceError
+from app.services.galleries import get_gallery
+from app.services.images import get_image
+from app.services.indexes import vectors_from_rows
+from app.services.models import cluster_classifier, embedder_for
+from app.services.runtime import Runtime
+
+MetadataValue = str | int | float | bool
+
+
+@dataclass
+class Filters:
+    """Which images may be returned: any of `labels` (when given), and every metadata key
+    equal to its value."""
+
+    labels: list[str] | None = None
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.labels) or bool(self.metadata)
+
+
+@dataclass
+class Hit:
+    image: Image
+    score: float
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[list[Hit]]  # one list per query, best first
+    model_id: int
+    index_version: int
+    took_ms: float
+
+
+@dataclass
+class Vote:
+    label: str
+    count: int
+    score: float
+
+
+@dataclass
+class Classification:
+    label: str | None  # the kNN vote's winner (None when no labelled neighbour was found)
+    confidence: float  # its share of the neighbours' summed similarity
+    votes: list[Vote]
+    cluster_label: str | None = None  # Magnet's cluster classifier, for Magnet models
+    cluster_probabilities: dict[str, float] | None = None
+
+
+def decode_queries(runtime: Runtime, files: Sequence[bytes]) -> list:
+    """Decode query images; a bad one rejects the request (queries have no partial results)."""
+    settings = runtime.settings
+    pictures = []
+    for number, data in enumerate(files, start=1):
+        try:
+            pictures.append(
+                open_upload(
+                    data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes
+                )
+            )
+        except ImageRejected as error:
+            where = f"query image {number}: " if len(files) > 1 else ""
+            raise ServiceError(where + error.detail, error.status_code) from error
+    return pictures
+
+
+def search_images(
+    runtime: Runtime,
+    session: Session,
+    gallery_id: int,
+    files: Sequence[bytes],
+    *,
+    k: int,
+    offset: int = 0,
+    filters: Filters | None = None,
+    min_score: float | None = None,
+) -> SearchOutcome:
+    started = time.perf_counter()
+    gallery = get_gallery(session, gallery_id)
+    pictures = decode_queries(runtime, files)
+    vectors = embedder_for(runtime, gallery.model).embed_sync(pictures)
+    return _search(runtime, session, gallery, vectors, k, offset, filters, min_score, started)
+
+
+def search_vector(
+    runtime: Runtime,
+    session: Session,
+    gallery_id: int,
+    vectors: Sequence[Sequence[float]],
+    *,
+    k: int,
+    offset: int = 0,
+    filters: Filters | None = None,
+    min_score: float | None = None,
+) -> SearchOutcome:
+    started = time.perf_counter()
+    gallery = get_gallery(session, gallery_id)
+    queries = np.asarray(vectors, dtype=np.float32)
+    dimension = gallery.model.embedding_dim
+    if queries.ndim != 2 or queries.shape[1] != dimension:
+        got = queries.shape[-1] if queries.ndim == 2 else "ragged"
+        raise Invalid(
+            f"the vector has dimension {got}; gallery {gallery_id}'s model "
+            f"{gallery.model_id} embeds in {dimension} dimensions"
+        )
+    if not np.isfinite(queries).all() or not (np.linalg.norm(queries, axis=1) > 0).all():
+        raise Invalid("vectors must be finite and not all zero")
+    return _search(runtime, session, gallery, queries, k, offset, filters, min_score, started)
+
+
+def similar_images(
+    runtime: Runtime,
+    session: Session,
+    image_id: int,
+    *,
+    k: int,
+    offset: int = 0,
+    filters: Filters | None = None,
+    min_score: float | None = None,
+) -> SearchOutcome:
+    """Neighbours of an image already in a gallery (itself excluded), by its stored vector."""
+    started = time.perf_counter()
+    image = get_image(session, image_id)
+    gallery = get_gallery(session, image.gallery_id)
+    stored = session.scalar(
+        select(ImageEmbedding.vector).where(
+            ImageEmbedding.image_id == image_id, ImageEmbedding.model_id == gallery.model_id
+        )
+    )
+    if stored is None:  # the gallery switched models after this image was read
+        raise Conflict(f"image {image_id} has no embedding by the gallery's model yet; retry")
+    vector = vectors_from_rows([stored], gallery.model.embedding_dim)
+    outcome = _search(
+        runtime, session, gallery, vector, offset + k + 1, 0, filters, min_score, started
+    )
+    hits = [hit for hit in outcome.hits[0] if hit.image.id != image_id]
+    outcome.hits = [hits[offset : offset + k]]
+    return outcome
+
+
+def _search(
+    runtime: Runtime,
+    session: Session,
+    gallery: Gallery,
+    queries: np.ndarray,
+    k: int,
+    offset: int,
+    filters: Filters | None,
+    min_score: float | None,
+    started: float,
+) -> SearchOutcome:
+    if k + offset > runtime.settings.max_k:
+        raise Invalid(
+            f"k + offset = {k + offset} is above the limit of {runtime.settings.max_k}; "
+            "narrow the search with filters or a minimum score"
+        )
+    allowed = allowed_ids(session, gallery.id, filters) if filters else None
+    index = runtime.indexes.index_for(gallery)
+    found = index.search(queries, k, offset=offset, allowed_ids=allowed, min_score=min_score)
+    images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
+    hits = [
+        [Hit(images[image_id], score) for image_id, score in row if image_id in images]
+        for row in found
+    ]
+    took_ms = (time.perf_counter() - started) * 1000
+    return SearchOutcome(hits, gallery.model_id, gallery.index_version, took_ms)
+
+
+def _images_by_id(session: Session, ids: set[int]) -> dict[int, Image]:
+    if not ids:
+        return {}
+    return {image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids)))}
+
+
+def allowed_ids(session: Session, gallery_id: int, filters: Filters) -> np.ndarray:
+    query = select(Image.id).where(Image.gallery_id == gallery_id)
+    if filters.labels:
+        query = query.where(Image.label.in_(filters.labels))
+    dialect = session.get_bind().dialect.name
+    for key, value in filters.metadata.items():
+        query = query.where(_metadata_equals(dialect, key, value))
+    return np.asarray(session.scalars(query).all(), dtype=np.int64)
+
+
+def _metadata_equals(dialect: str, key: str, value: MetadataValue) -> ColumnElement[bool]:
+    """metadata[key] == value with JSON types respected (1 is not "1", true is not 1)."""
+    if dialect == "postgresql":
+        return cast(Image.meta, JSONB).contains({key: value})
+    path = f'$."{key}"'  # keys are restricted to [A-Za-z0-9_.-] by the API schema
+    kind = func.json_type(Image.meta, path)
+    extracted = func.json_extract(Image.meta, path)
+    if isinstance(value, bool):
+        return kind == ("true" if value else "false")
+    if isinstance(value, int | float):
+        return and_(kind.in_(("integer", "real")), extracted == value)
+    return and_(kind == "text", extracted == value)
+
+
+def classify(
+    runtime: Runtime, session: Session, gallery_id: int, files: Sequence[bytes], *, k: int
+) -> tuple[list[Classification], SearchOutcome]:
+    """Predict each query's label by a similarity-weighted vote of its k nearest labelled
+    images, and with Magnet's cluster classifier when the gallery's model has one."""
+    started = time.perf_counter()
+    gallery = get_gallery(session, gallery_id)
+    pictures = decode_queries(runtime, files)
+    vectors = embedder_for(runtime, gallery.model).embed_sync(pictures)
+    labelled = np.asarray(
+        session.scalars(
+            select(Image.id).where(Image.gallery_id == gallery_id, Image.label.is_not(None))
+        ).all(),
+        dtype=np.int64,
+    )
+    if not len(labelled):
+        raise Invalid(f"gallery {gallery_id} has no labelled images to vote; upload some labels")
+    index = runtime.indexes.index_for(gallery)
+    found = index.search(vectors, k, allowed_ids=labelled)
+    images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
+    hits = [
+        [Hit(images[image_id], score) for image_id, score in row if image_id in images]
+        for row in found
+    ]
+    results = [_vote(row) for row in hits]
+    classifier = cluster_classifier(runtime, gallery.model)
+    if classifier is not None:
+        names = list(gallery.model.card.get("method", {}).get("class_names", []))
+        predicted, probabilities = classifier.predict(vectors)
+        for result, winner, row in zip(results, predicted, probabilities, strict=True):
+            result.cluster_label = _class_name(names, int(winner))
+            result.cluster_probabilities = {
+                _class_name(names, c): round(float(p), 6) for c, p in enumerate(row) if p > 0
+            }
+    took_ms = (time.perf_counter() - started) * 1000
+    return results, SearchOutcome(hits, gallery.model_id, gallery.index_version, took_ms)
+
+
+def _class_name(names: list[str], index: int) -> str:
+    return names[index] if index < len(names) else str(index)
+
+
+def _vote(hits: list[Hit]) -> Classification:
+    counts: dict[str, int] = defaultdict(int)
+    scores: dict[str, float] = defaultdict(float)
+    for hit in hits:
+        assert hit.image.label is not None
+        counts[hit.image.label] += 1
+        scores[hit.image.label] += max(hit.score, 0.0)
+    votes = sorted(
+        (Vote(label, counts[label], round(scores[label], 6)) for label in counts),
+        key=lambda v: (-v.score, -v.count, v.label),
+    )
+    if not votes:
+        return Classification(None, 0.0, [])
+    total = sum(v.score for v in votes)
+    confidence = votes[0].score / total if total > 0 else votes[0].count / len(hits)
+    return Classification(votes[0].label, round(confidence, 6), votes)

@@ -1,0 +1,114 @@
+// The public REST API (/api/v1), with the API key kept in localStorage for writes.
+
+export const API = "/api/v1";
+const KEY_STORAGE = "lookalike.apiKey";
+
+export class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail || `request failed (HTTP ${status})`);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+export function getKey() {
+  try {
+    return localStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return "";
+  }
+}
+
+export function setKey(key) {
+  if (key) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+}
+
+let askForKey = null;
+
+/** `prompt(reason) -> Promise<string|null>`: asks the user for a key (the app's dialog). */
+export function onKeyNeeded(prompt) {
+  askForKey = prompt;
+}
+
+/** The API's `detail` (or the body's text) of a failed response, as one sentence. */
+export async function detailOf(response) {
+  const text = await response.text().catch(() => "");
+  try {
+    const body = JSON.parse(text);
+    const detail = body.detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
+    }
+  } catch {
+    // not JSON
+  }
+  return text.trim() || `${response.status} ${response.statusText}`;
+}
+
+function urlOf(path, query) {
+  const url = new URL(path.startsWith("/") && !path.startsWith(API) ? API + path : path, location.origin);
+  for (const [name, value] of Object.entries(query || {})) {
+    if (value === undefined || value === null || value === "") continue;
+    for (const one of Array.isArray(value) ? value : [value]) url.searchParams.append(name, one);
+  }
+  return url.pathname + url.search;
+}
+
+/**
+ * fetch() against the API. Options: method, query (object; arrays repeat), json (a body sent as
+ * JSON), form (FormData), raw (return the Response, whatever its status). A 401/403 asks for
+ * the API key once and retries; other failures throw ApiError carrying the API's detail.
+ */
+export async function request(path, options = {}) {
+  const { method = "GET", query, json, form, raw = false, retried = false } = options;
+  const headers = {};
+  const key = getKey();
+  if (key) headers["X-API-Key"] = key;
+  let body;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  } else if (form) {
+    body = form;
+  }
+  let response;
+  try {
+    response = await fetch(urlOf(path, query), { method, headers, body });
+  } catch (error) {
+    throw new ApiError(0, `the server cannot be reached (${error.message})`);
+  }
+  if ((response.status === 401 || response.status === 403) && askForKey && !retried) {
+    const detail = await detailOf(response);
+    const entered = await askForKey(detail);
+    if (entered) return request(path, { ...options, retried: true });
+    throw new ApiError(response.status, detail);
+  }
+  if (raw) return response;
+  if (!response.ok) throw new ApiError(response.status, await detailOf(response));
+  if (response.status === 204) return null;
+  const type = response.headers.get("content-type") || "";
+  return type.includes("json") ? response.json() : response.text();
+}
+
+export const get = (path, query) => request(path, { query });
+export const post = (path, json) => request(path, { method: "POST", json });
+
+/** Set an <img>'s source; when reads need the key, load it with the key as a blob instead. */
+export function loadImage(img, url) {
+  img.addEventListener(
+    "error",
+    async () => {
+      if (!getKey() || img.dataset.retried) return;
+      img.dataset.retried = "1";
+      const response = await fetch(url, { headers: { "X-API-Key": getKey() } }).catch(() => null);
+      if (response && response.ok) img.src = URL.createObjectURL(await response.blob());
+    },
+    { once: true },
+  );
+  img.src = url;
+  return img;
+}
+
+export const thumbnailUrl = (imageId) => `${API}/images/${imageId}/thumbnail`;

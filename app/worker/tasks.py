@@ -1,0 +1,492 @@
+"""The job bodies. Each Celery task only carries a job id; `runner.execute` claims the row and
+records the outcome, the body does the work and returns the job's result.
+
+The per-process `Runtime` (DB engine, embedder and index caches) is built by the first task,
+never at import or in the prefork parent, and models load in the first job that needs them:
+CUDA must not be initialised before a fork (importing torch does not; loading a model on the
+GPU does), and Celery kills `worker_process_init` handlers that block for more than 4 s
+(serving.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task, shared_task
+from celery.signals import task_failure, worker_process_shutdown, worker_ready, worker_shutdown
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.db.models import Dataset
+from app.db.models.jobs import DatasetKind
+from app.db.session import make_engine, make_session_factory
+from app.services.errors import Conflict
+from app.services.jobs import (
+    ARCHIVE_FILE,
+    DatasetParams,
+    EvaluateParams,
+    ImportParams,
+    IndexParams,
+    TrainParams,
+    fail_job,
+    fail_worker_jobs,
+    folder_under_root,
+    job_dir,
+    ready_dataset,
+    train_config,
+)
+from app.services.runtime import Runtime
+from app.worker.runner import JobRun, execute
+from training.data.readers import is_image_file
+
+log = logging.getLogger(__name__)
+
+IMPORT_BATCH = 32  # files decoded and embedded together by an import job
+SWITCH_ATTEMPTS = 5  # an index job re-embeds late uploads this many times before giving up
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime(settings: Settings) -> Runtime:
+    """This worker process's Runtime, built on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            if settings.torch_threads:
+                import torch
+
+                # Training and evaluation run in this thread; more threads than cores (or a
+                # busy machine) slow them down many times over.
+                torch.set_num_threads(settings.torch_threads)
+            _runtime = Runtime.start(settings)
+        return _runtime
+
+
+def _run(task: Task, job_id: int, body: Callable[[JobRun], dict[str, Any]]) -> None:
+    settings: Settings = task.app.settings
+    execute(runtime(settings), job_id, task.request.hostname or "worker", body)
+
+
+# ---------------------------------------------------------------------- train
+@shared_task(name="lookalike.train", bind=True)
+def train(self: Task, job_id: int) -> None:
+    _run(self, job_id, train_body)
+
+
+def train_body(run: JobRun) -> dict[str, Any]:
+    from app.services.models import register_artifact
+    from training.engine.trainer import Trainer, TrainingStopped
+
+    params = TrainParams.model_validate(run.job.params)
+    with run.session() as session:
+        dataset = ready_dataset(session, params.dataset_id)
+    cfg = train_config(run.settings, params, dataset, out=run.dir / "run")
+    skip = {"epoch", "iteration", "total_iterations", "progress", "elapsed_s"}
+
+    def on_progress(info: dict[str, Any]) -> None:
+        # Training is 90 %; the final test evaluation of the best and last models the rest.
+        run.report(
+            progress=0.9 * info["progress"],
+            epoch=info["epoch"],
+            step=info["iteration"],
+            total_steps=info["total_iterations"],
+            metrics={k: v for k, v in info.items() if k not in skip},
+            force=True,
+        )
+
+    trainer = Trainer(cfg, on_progress=on_progress, should_stop=run.should_stop, progress_bar=False)
+    run.report(progress=0.0, epoch=0, step=0, total_steps=trainer.total_iterations, force=True)
+    try:
+        results = trainer.fit()
+    except TrainingStopped:
+        run.check()
+        raise
+    run.check()  # a cancel that came during the final evaluation: register nothing
+    name = params.model_name or f"{cfg.method}-job{run.id}"
+    with run.session() as session:
+        model = register_artifact(session, run.settings, trainer.out / "best", name)
+    best = results["best"]
+    run.report(metrics={"val": best.get("val"), "test": best.get("test")}, force=True)
+    return {
+        "model_id": model.id,
+        "model_name": model.name,
+        "metrics": best,
+        "last": results["last"],
+        "selected_by": results["selected_by"],
+        "iterations": results["iterations"],
+        "epochs": results["epochs"],
+        "run_dir": str(trainer.out),
+    }
+
+
+# ---------------------------------------------------------------------- evaluate
+@shared_task(name="lookalike.evaluate", bind=True)
+def evaluate(self: Task, job_id: int) -> None:
+    _run(self, job_id, evaluate_body)
+
+
+def evaluate_body(run: JobRun) -> dict[str, Any]:
+    from app.services.models import artifact_dir, get_model
+    from training.checkpoint import load_model
+    from training.data.image_dataset import drop_unreadable
+    from training.data.readers import load_dataset
+    from training.engine.trainer import resolve_device
+    from training.evaluation.embed import compute_embeddings
+    from training.evaluation.metrics import evaluate_embeddings
+
+    params = EvaluateParams.model_validate(run.job.params)
+    with run.session() as session:
+        model = get_model(session, params.model_id)
+        dataset = ready_dataset(session, params.dataset_id)
+    split = getattr(load_dataset(dataset.spec), params.split)
+    if params.max_classes:
+        split = split.select_classes(split.class_names[: params.max_classes])
+    split, skipped = drop_unreadable(split)
+    run.report(progress=0.05, force=True)
+    run.check()
+    network, card, _ = load_model(artifact_dir(run.settings, model))
+    device = resolve_device(run.settings.worker_device)
+    embeddings, labels = compute_embeddings(
+        network.to(device),
+        split,
+        card.preprocessing.transform_config(),
+        num_workers=run.settings.worker_num_workers,
+        device=device,
+    )
+    run.report(progress=0.8, force=True)
+    run.check()
+    metrics = evaluate_embeddings(embeddings, labels)
+    run.report(metrics=metrics, force=True)
+    return {
+        "model_id": model.id,
+        "dataset_id": dataset.id,
+        "split": params.split,
+        "classes": split.num_classes,
+        "images": len(split),
+        "skipped_unreadable": len(skipped),
+        "metrics": metrics,
+    }
+
+
+# ---------------------------------------------------------------------- index
+@shared_task(name="lookalike.index", bind=True)
+def index(self: Task, job_id: int) -> None:
+    _run(self, job_id, index_body)
+
+
+def index_body(run: JobRun) -> dict[str, Any]:
+    """Embed every image of the gallery with the model, then switch the gallery to a new index
+    version in one transaction; searches use the old index until that commit."""
+    from app.services.galleries import switch_index
+    from app.services.images import embed_missing
+
+    params = IndexParams.model_validate(run.job.params)
+
+    def progress(done: int, total: int) -> None:
+        run.report(progress=0.9 * done / max(total, 1), step=done, total_steps=total)
+        run.check()
+
+    embedded = 0
+    with run.session() as session:
+        for _ in range(SWITCH_ATTEMPTS):
+            embedded += embed_missing(
+                run.runtime, session, params.gallery_id, params.model_id, progress=progress
+            )
+            run.check()
+            try:
+                gallery = switch_index(
+                    run.runtime,
+                    session,
+                    params.gallery_id,
+                    model_id=params.model_id,
+                    index_type=params.index_type,
+                )
+                break
+            except Conflict as error:  # uploads arrived meanwhile: embed those too
+                log.info("job %d: %s; embedding the rest", run.id, error.message)
+        else:
+            raise Conflict(
+                f"gallery {params.gallery_id} kept receiving images faster than they could be "
+                f"embedded ({SWITCH_ATTEMPTS} attempts); run the index job again"
+            )
+        return {
+            "gallery_id": gallery.id,
+            "model_id": gallery.model_id,
+            "index_type": gallery.index_type,
+            "index_version": gallery.index_version,
+            "embedded": embedded,
+        }
+
+
+# ---------------------------------------------------------------------- import
+@shared_task(name="lookalike.import", bind=True)
+def import_images(self: Task, job_id: int) -> None:
+    _run(self, job_id, import_body)
+
+
+class _Budget:
+    """Import limits: files and uncompressed bytes (archive bombs) per job."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.files_left = settings.import_max_files
+        self.bytes_left = settings.import_max_bytes
+        self.per_file = settings.max_upload_bytes
+        self.stopped: str | None = None
+
+    def take_file(self) -> bool:
+        if self.files_left <= 0:
+            self.stopped = "stopped at the import_max_files limit"
+            return False
+        self.files_left -= 1
+        return True
+
+    def read(self, handle: IO[bytes]) -> bytes | str:
+        """The file's bytes, or why it was refused; never reads more than the limits allow."""
+        limit = min(self.per_file, self.bytes_left)
+        data = handle.read(limit + 1)
+        if len(data) > limit:
+            if limit < self.per_file:
+                self.stopped = "stopped at the import_max_bytes limit"
+                self.bytes_left = 0
+                return "not read: the import's total size limit was reached"
+            return f"larger than the {self.per_file:,}-byte limit per image"
+        self.bytes_left -= len(data)
+        return data
+
+
+def _label(name: PurePosixPath, by_folder: bool) -> str | None:
+    """The name of the folder holding the file (None at the top level or when not asked)."""
+    folder = name.parent.name
+    return folder if by_folder and folder not in ("", ".", "..") else None
+
+
+def _folder_files(
+    settings: Settings, params: ImportParams, budget: _Budget
+) -> tuple[int, Iterator[tuple[str, str | None, bytes | str]]]:
+    """(how many image files, the files) of a folder under the dataset root."""
+    root = folder_under_root(settings, ".")
+    folder = folder_under_root(settings, params.folder or "")
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and is_image_file(p)]
+
+    def files() -> Iterator[tuple[str, str | None, bytes | str]]:
+        for path in paths:
+            if not budget.take_file():
+                return
+            relative = PurePosixPath(path.relative_to(folder).as_posix())
+            label = _label(relative, params.label_from_folder)
+            if not path.resolve().is_relative_to(root):
+                yield str(relative), label, "a link leading out of the dataset root"
+                continue
+            with open(path, "rb") as handle:
+                yield str(relative), label, budget.read(handle)
+            if budget.stopped:
+                return
+
+    return len(paths), files()
+
+
+def _archive_files(
+    archive: Path, params: ImportParams, budget: _Budget
+) -> tuple[int | None, Iterator[tuple[str, str | None, bytes | str]]]:
+    """(how many image members, if known without reading it all, the members) of a zip or tar
+    archive. Member names are only reported and used as labels, never as paths, so `../` or
+    absolute names cannot write anywhere; links, devices and folders are skipped; every read
+    is capped (a bomb's declared sizes are not trusted)."""
+    total = None
+    members = _tar_members
+    if zipfile.is_zipfile(archive):
+        members = _zip_members
+        with zipfile.ZipFile(archive) as bundle:
+            names = [PurePosixPath(i.filename).name for i in bundle.infolist() if not i.is_dir()]
+        total = sum(is_image_file(Path(name)) for name in names)
+
+    def files() -> Iterator[tuple[str, str | None, bytes | str]]:
+        for name, handle in members(archive):
+            path = PurePosixPath(name)
+            if not is_image_file(Path(path.name)):
+                continue
+            if not budget.take_file():
+                return
+            try:
+                data = handle if isinstance(handle, str) else budget.read(handle)
+            except (zipfile.BadZipFile, tarfile.TarError, RuntimeError, OSError, EOFError) as e:
+                data = f"unreadable archive member: {e}"
+            yield name, _label(path, params.label_from_folder), data
+            if budget.stopped:
+                return
+
+    return total, files()
+
+
+def _zip_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
+    with zipfile.ZipFile(archive) as bundle:
+        for info in bundle.infolist():
+            if info.is_dir():
+                continue
+            try:
+                handle = bundle.open(info)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError) as error:
+                yield info.filename, f"unreadable archive member: {error}"  # e.g. encrypted
+                continue
+            with handle:
+                yield info.filename, handle
+
+
+def _tar_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
+    with tarfile.open(archive, "r:*") as bundle:
+        for member in bundle:
+            handle = bundle.extractfile(member) if member.isfile() else None
+            if handle is not None:
+                yield member.name, handle
+
+
+def import_body(run: JobRun) -> dict[str, Any]:
+    from app.services.images import Upload, add_images
+
+    params = ImportParams.model_validate(run.job.params)
+    budget = _Budget(run.settings)
+    if params.archive:
+        total, files = _archive_files(job_dir(run.settings, run.id) / ARCHIVE_FILE, params, budget)
+    else:
+        total, files = _folder_files(run.settings, params, budget)
+    total = None if total is None else min(total, run.settings.import_max_files)
+    run.report(progress=0.0, step=0, total_steps=total, force=True)
+    entries: list[dict[str, Any]] = []
+    batch: list[tuple[str, str | None, bytes]] = []
+
+    def flush() -> None:
+        uploads = [Upload(data=data, filename=name, label=label) for name, label, data in batch]
+        with run.session() as session:
+            results = add_images(run.runtime, session, params.gallery_id, uploads)
+        for result in results:
+            status = "rejected" if result.error else "duplicate" if result.duplicate else "added"
+            entries.append(
+                {
+                    "name": result.filename,
+                    "status": status,
+                    "image_id": result.image.id if result.image else None,
+                    "error": result.error,
+                }
+            )
+        batch.clear()
+        run.report(
+            progress=len(entries) / total if total else None,
+            step=len(entries),
+            metrics=_counts(entries),
+        )
+        run.check()
+
+    for name, label, data in files:
+        if isinstance(data, str):
+            entries.append({"name": name, "status": "rejected", "image_id": None, "error": data})
+            continue
+        batch.append((name, label, data))
+        if len(batch) >= IMPORT_BATCH:
+            flush()
+    if batch:
+        flush()
+    if params.archive:
+        (job_dir(run.settings, run.id) / ARCHIVE_FILE).unlink(missing_ok=True)
+    return {
+        "gallery_id": params.gallery_id,
+        **_counts(entries),
+        "stopped": budget.stopped,
+        "files": entries,
+    }
+
+
+def _counts(entries: list[dict[str, Any]]) -> dict[str, int]:
+    counts = {"added": 0, "duplicate": 0, "rejected": 0}
+    for entry in entries:
+        counts[entry["status"]] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------- dataset builds
+@shared_task(name="lookalike.dataset", bind=True)
+def build_dataset(self: Task, job_id: int) -> None:
+    _run(self, job_id, dataset_body)
+
+
+def dataset_body(run: JobRun) -> dict[str, Any]:
+    """Build the icons or cjk benchmark (Debian packages -> ImageFolder), then record its
+    summary, which makes the dataset ready. A build cannot be interrupted half-way."""
+    from app.services.datasets import summarize
+    from training.data.benchmarks.cjk import build_cjk
+    from training.data.benchmarks.icons import build_icons
+
+    params = DatasetParams.model_validate(run.job.params)
+    with run.session() as session:
+        dataset = session.get_one(Dataset, params.dataset_id)
+        kind, out = dataset.kind, Path(dataset.path)
+    if kind == DatasetKind.icons:
+        build_icons(out, size=params.size, progress=False)
+    else:
+        build_cjk(out, size=params.size, max_classes=params.max_classes, progress=False)
+    run.check()
+    summary = summarize(f"imagefolder:{out}")
+    with run.session() as session:
+        session.get_one(Dataset, params.dataset_id).summary = summary
+        session.commit()
+    return {"dataset_id": params.dataset_id, "summary": summary}
+
+
+# ---------------------------------------------------------------------- worker signals
+@contextmanager
+def _parent_session(settings: Settings) -> Iterator[Session]:
+    """A session for the worker's main process, on an engine of its own: the cached Runtime
+    belongs to the process running tasks, and a prefork child must not inherit an engine."""
+    engine = make_engine(settings)
+    try:
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@worker_ready.connect
+def _fail_jobs_of_previous_run(sender, **_: Any) -> None:
+    """Jobs still `running` under this node name belonged to its previous process, which died
+    (SIGKILL, OOM, power): fail them now rather than after the heartbeat timeout."""
+    with _parent_session(sender.app.settings) as session:
+        failed = fail_worker_jobs(
+            session,
+            sender.hostname,
+            f"worker {sender.hostname} restarted while running this job (the previous worker "
+            "process died). The job was not retried; submit it again",
+        )
+    if failed:
+        log.warning("marked %d jobs of the previous %s failed", failed, sender.hostname)
+
+
+@task_failure.connect
+def _fail_job_of_lost_child(sender=None, exception=None, args=None, **_: Any) -> None:
+    """A prefork child killed mid-job (SIGKILL, OOM): the parent learns it at once."""
+    if not isinstance(exception, WorkerLostError) or not args:
+        return
+    with _parent_session(sender.app.settings) as session:
+        fail_job(
+            session,
+            int(args[0]),
+            f"the worker process running this job died ({exception}). The job was not "
+            "retried; submit it again",
+        )
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None

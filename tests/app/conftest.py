@@ -1,0 +1,133 @@
+"""Fixtures of the service tests: a tiny model artifact, databases (SQLite, and a fresh schema
+on the local PostgreSQL), Settings and an HTTP client of the app."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+from tests.conftest import draw_sample
+from training.checkpoint import ModelCard, Preprocessing, save_artifact
+from training.models.embedding import EmbeddingModel, ModelSpec
+
+# The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+TINY_DIM = 16
+
+
+def png(class_index: int, sample: int, fmt: str = "PNG") -> bytes:
+    """A small test picture (class = shape and colour) encoded as `fmt`."""
+    out = io.BytesIO()
+    draw_sample(class_index, sample).save(out, fmt)
+    return out.getvalue()
+
+
+def write_tiny_artifact(directory: Path, method: dict | None = None, extras=None) -> Path:
+    """A 16-d model with random weights (no download) at 32 px: fast, deterministic."""
+    torch.manual_seed(0)
+    model = EmbeddingModel(ModelSpec(embedding_dim=TINY_DIM), weights="none").eval()
+    info = model.backbone_info
+    card = ModelCard(
+        architecture=model.spec,
+        embedding_dim=TINY_DIM,
+        preprocessing=Preprocessing(
+            image_size=32,
+            test_crop_pct=1.0,
+            interpolation="bilinear",
+            mean=info.mean,
+            std=info.std,
+        ),
+        method=method or {"name": "margin", "params": {}},
+    )
+    return save_artifact(directory, model, card, extra_tensors=extras)
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root holding the artifact `tiny`."""
+    root = tmp_path_factory.mktemp("model-root")
+    write_tiny_artifact(root / "tiny")
+    return root
+
+
+def _postgres_available() -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    if not _postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_schema(postgres: str) -> Iterator[str]:
+    """A URL whose connections use a fresh schema of the `test` database (parallel runs never
+    collide); the schema is dropped after the test."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{postgres}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Empty string (SQLite under the data directory) or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return ""
+    return request.getfixturevalue("postgres_schema")
+
+
+@pytest.fixture
+def api_settings(tmp_path: Path, database_url: str, model_root: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        model_root=model_root,
+        seed_builtin_model=False,
+        auto_api_key=False,
+        embed_max_wait_ms=1.0,
+        torch_threads=1,
+    )
+
+
+@pytest.fixture
+def client(api_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(api_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def tiny_model(client: TestClient) -> int:
+    """The tiny artifact registered by path; its model id."""
+    response = client.post("/api/v1/models", data={"name": "tiny", "path": "tiny"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def gallery(client: TestClient, tiny_model: int) -> int:
+    response = client.post("/api/v1/galleries", json={"name": "shapes", "model_id": tiny_model})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]

@@ -1,0 +1,134 @@
+"""Models and galleries over HTTP: registration (path, upload), cards, conflicts, index switches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from fastapi.testclient import TestClient
+
+from tests.app.conftest import png, write_tiny_artifact
+from training.evaluation.cluster_classifier import ClusterClassifier
+
+API = "/api/v1"
+
+
+def test_model_registration_by_path_and_upload(client: TestClient, tiny_model: int, model_root):
+    card = client.get(f"{API}/models/{tiny_model}").json()
+    assert card["embedding_dim"] == 16 and card["method"] == "margin" and not card["builtin"]
+    assert card["card"]["preprocessing"]["image_size"] == 32
+    assert [m["id"] for m in client.get(f"{API}/models").json()] == [tiny_model]
+
+    files = {
+        "card": ("card.json", (model_root / "tiny" / "card.json").read_bytes()),
+        "weights": ("model.safetensors", (model_root / "tiny" / "model.safetensors").read_bytes()),
+    }
+    uploaded = client.post(f"{API}/models", data={"name": "tiny-upload"}, files=files)
+    assert uploaded.status_code == 201, uploaded.text
+    assert uploaded.json()["card"] == card["card"]
+
+    taken = client.post(f"{API}/models", data={"name": "tiny", "path": "tiny"})
+    assert taken.status_code == 409 and "already exists" in taken.json()["detail"]
+    broken = client.post(
+        f"{API}/models",
+        data={"name": "broken"},
+        files={"card": ("card.json", b"{}"), "weights": ("model.safetensors", b"junk")},
+    )
+    assert broken.status_code == 422 and "not a valid model artifact" in broken.json()["detail"]
+    neither = client.post(f"{API}/models", data={"name": "nothing"})
+    assert neither.status_code == 422
+    assert client.get(f"{API}/models/999").status_code == 404
+
+
+def test_model_paths_outside_the_root_are_refused(client: TestClient, model_root: Path, tmp_path):
+    outside = write_tiny_artifact(tmp_path / "elsewhere")
+    link = model_root / f"escape-{os.getpid()}-{tmp_path.name}"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        for path in ("../elsewhere", str(outside), link.name, "/etc", "tiny/../../x", "missing"):
+            response = client.post(f"{API}/models", data={"name": "evil", "path": path})
+            assert response.status_code == 422, path
+            assert (
+                "not a model directory under the server's model root" in response.json()["detail"]
+            )
+    finally:
+        link.unlink()
+    models_dir = client.app.state.settings.models_dir
+    assert [p.name for p in models_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_gallery_lifecycle_and_index_switch(client: TestClient, tiny_model: int):
+    created = client.post(f"{API}/galleries", json={"name": "g", "model_id": tiny_model})
+    assert created.status_code == 201
+    gallery = created.json()
+    assert gallery["index_type"] == "flat" and gallery["index_version"] == 1
+    gid = gallery["id"]
+    assert (
+        client.post(f"{API}/galleries", json={"name": "g", "model_id": tiny_model}).status_code
+        == 409
+    )
+    unknown = client.post(f"{API}/galleries", json={"name": "h", "model_id": 12345})
+    assert unknown.status_code == 404 and "model 12345 does not exist" in unknown.json()["detail"]
+    bad_type = client.post(
+        f"{API}/galleries", json={"name": "h", "model_id": tiny_model, "index_type": "lsh"}
+    )
+    assert bad_type.status_code == 422 and "index_type" in bad_type.json()["detail"]
+
+    files = [("files", (f"{i}.png", png(i % 3, i), "image/png")) for i in range(6)]
+    assert client.post(f"{API}/galleries/{gid}/images", files=files).status_code == 201
+    query = {"image": ("q.png", png(1, 1), "image/png")}
+    before = client.post(f"{API}/galleries/{gid}/search", files=query, data={"k": "6"}).json()
+
+    # A model in use cannot be deleted.
+    in_use = client.delete(f"{API}/models/{tiny_model}")
+    assert in_use.status_code == 409 and "used by 1 galleries" in in_use.json()["detail"]
+
+    # Another index type: a new version built from the stored embeddings, same exact ranking.
+    switched = client.patch(
+        f"{API}/galleries/{gid}", json={"index_type": "hnsw", "index_params": {"ef_search": 32}}
+    )
+    assert switched.status_code == 200, switched.text
+    assert switched.json()["index_type"] == "hnsw" and switched.json()["index_version"] == 2
+    after = client.post(f"{API}/galleries/{gid}/search", files=query, data={"k": "6"}).json()
+    assert after["index_version"] == 2
+    assert [h["image_id"] for h in after["results"]] == [h["image_id"] for h in before["results"]]
+
+    listed = client.get(f"{API}/galleries").json()
+    assert [(g["id"], g["image_count"]) for g in listed] == [(gid, 6)]
+    assert client.delete(f"{API}/galleries/{gid}").status_code == 204
+    assert client.get(f"{API}/galleries/{gid}").status_code == 404
+    assert not (client.app.state.settings.uploads_dir / str(gid)).exists()
+    assert client.delete(f"{API}/models/{tiny_model}").status_code == 204
+    assert client.get(f"{API}/models/{tiny_model}").status_code == 404
+
+
+def test_magnet_model_classifies_with_its_clusters(client: TestClient, tmp_path: Path):
+    centroids = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    classifier = ClusterClassifier(centroids, torch.tensor([0, 0, 1, 1]), 0.5)
+    artifact = write_tiny_artifact(
+        client.app.state.settings.model_root / f"magnet-{tmp_path.name}",
+        method={"name": "magnet", "params": {}, "class_names": ["round", "square"]},
+        extras=classifier.to_extras(),
+    )
+    try:
+        model = client.post(f"{API}/models", data={"name": "magnet", "path": artifact.name})
+        assert model.status_code == 201 and model.json()["method"] == "magnet"
+        gid = client.post(
+            f"{API}/galleries", json={"name": "m", "model_id": model.json()["id"]}
+        ).json()["id"]
+        files = [("files", (f"{i}.png", png(i, 0), "image/png")) for i in range(3)]
+        client.post(f"{API}/galleries/{gid}/images", files=files, data={"label": ["x", "y", "x"]})
+        response = client.post(
+            f"{API}/galleries/{gid}/classify",
+            files=[("images", ("q.png", png(0, 0), "image/png"))],
+            data={"k": "3"},
+        )
+        assert response.status_code == 200, response.text
+        prediction = response.json()["predictions"][0]
+        assert prediction["label"] == "x"
+        assert prediction["cluster_label"] in {"round", "square"}
+        assert abs(sum(prediction["cluster_probabilities"].values()) - 1.0) < 1e-5
+    finally:
+        shutil.rmtree(artifact)

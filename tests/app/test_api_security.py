@@ -1,0 +1,220 @@
+"""API keys, upload limits and every kind of bad input: a 4xx that names the problem, and
+nothing written to the database, the index or the disk."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.core.config import Settings
+from app.main import create_app
+from tests.app.conftest import png
+
+API = "/api/v1"
+
+
+def make_client(tmp_path: Path, model_root: Path, **overrides) -> TestClient:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_root=model_root,
+        seed_builtin_model=False,
+        auto_api_key=False,
+        **overrides,
+    )
+    return TestClient(create_app(settings))
+
+
+def setup_gallery(client: TestClient, headers: dict | None = None) -> int:
+    model = client.post(f"{API}/models", data={"name": "tiny", "path": "tiny"}, headers=headers)
+    assert model.status_code == 201, model.text
+    gallery = client.post(
+        f"{API}/galleries", json={"name": "g", "model_id": model.json()["id"]}, headers=headers
+    )
+    return gallery.json()["id"]
+
+
+def assert_nothing_stored(client: TestClient, gallery: int) -> None:
+    assert client.get(f"{API}/galleries/{gallery}/images").json()["total"] == 0
+    uploads = client.app.state.settings.uploads_dir
+    assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
+    index = client.app.state.index_store.get(gallery, 1)
+    assert index is None or len(index) == 0
+
+
+@pytest.fixture
+def limited(tmp_path: Path, model_root: Path) -> Iterator[tuple[TestClient, int]]:
+    with make_client(
+        tmp_path,
+        model_root,
+        max_upload_bytes=3_000,
+        max_request_bytes=20_000,
+        max_files_per_request=3,
+        max_image_pixels=250_000,
+    ) as client:
+        yield client, setup_gallery(client)
+
+
+def test_api_keys_guard_writes_and_optionally_reads(tmp_path: Path, model_root: Path):
+    with make_client(tmp_path, model_root, api_keys=["k1", "k2"]) as client:
+        missing = client.post(f"{API}/galleries", json={"name": "g", "model_id": 1})
+        assert missing.status_code == 401 and "X-API-Key" in missing.json()["detail"]
+        wrong = client.post(
+            f"{API}/models", data={"name": "t", "path": "tiny"}, headers={"X-API-Key": "k3"}
+        )
+        assert wrong.status_code == 403
+        gallery = setup_gallery(client, headers={"X-API-Key": "k2"})
+        assert client.get(f"{API}/galleries/{gallery}").status_code == 200  # reads are open
+        assert client.delete(f"{API}/galleries/{gallery}").status_code == 401
+    with make_client(tmp_path, model_root, api_keys=["k1"], open_reads=False) as client:
+        assert client.get(f"{API}/galleries").status_code == 401
+        assert client.get(f"{API}/galleries", headers={"X-API-Key": "k1"}).status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+def test_first_start_generates_a_key(tmp_path: Path, model_root: Path):
+    settings = Settings(data_dir=tmp_path / "data", model_root=model_root, seed_builtin_model=False)
+    with TestClient(create_app(settings)) as client:
+        key = (tmp_path / "data" / "api_key").read_text().strip()
+        assert len(key) >= 32
+        assert client.post(f"{API}/models", data={"name": "t", "path": "tiny"}).status_code == 401
+        ok = client.post(
+            f"{API}/models", data={"name": "t", "path": "tiny"}, headers={"X-API-Key": key}
+        )
+        assert ok.status_code == 201
+    with TestClient(create_app(settings)) as client:  # the same key on the next start
+        assert client.app.state.settings.api_keys == [key]
+
+
+def test_oversized_uploads_get_413_and_store_nothing(limited):
+    client, gallery = limited
+    url = f"{API}/galleries/{gallery}/images"
+    big = bytes(5_000)  # over the per-file limit, under the request limit
+    response = client.post(
+        url,
+        files=[
+            ("files", ("a.png", png(0, 0), "image/png")),
+            ("files", ("big.png", big, "image/png")),
+        ],
+    )
+    assert response.status_code == 413 and "per-file limit" in response.json()["detail"]
+    assert_nothing_stored(client, gallery)
+
+    huge = bytes(25_000)  # Content-Length over the request limit: refused before reading
+    response = client.post(url, files=[("files", ("huge.png", huge, "image/png"))])
+    assert response.status_code == 413 and "request body" in response.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+        yield b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for _ in range(30):
+            yield bytes(1_000)
+
+    streamed = client.post(
+        url, content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
+    assert streamed.status_code == 413
+    assert_nothing_stored(client, gallery)
+
+    files = [("files", (f"{i}.png", png(i, 0), "image/png")) for i in range(4)]
+    too_many = client.post(url, files=files)
+    assert too_many.status_code == 413 and "at most 3" in too_many.json()["detail"]
+    assert_nothing_stored(client, gallery)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def test_bad_files_are_rejected_with_a_reason(limited):
+    client, gallery = limited
+    url = f"{API}/galleries/{gallery}/images"
+    jpeg = png(0, 0, "JPEG")
+    bomb = encode(Image.new("1", (600, 600)), "PNG")  # 360 k pixels > the 250 k cap, tiny file
+    cases = {
+        "empty": (b"", 400, "empty"),
+        "text": (b"hello, world", 415, "not a recognised image"),
+        "pdf": (b"%PDF-1.4\n%...", 415, "PDF"),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg"/>', 415, "SVG"),
+        "truncated": (jpeg[: len(jpeg) // 2], 400, "corrupt"),
+        "bomb": (bomb, 413, "decompression bomb"),
+    }
+    for name, (data, status, message) in cases.items():
+        response = client.post(url, files=[("files", (f"{name}.png", data, "image/png"))])
+        assert response.status_code == status, (name, response.text)
+        result = response.json()["results"][0]
+        assert result["status"] == "rejected" and message in result["error"], name
+    assert_nothing_stored(client, gallery)
+
+    # One bad file (or bad metadata) does not reject the others.
+    mixed = client.post(
+        url,
+        files=[
+            ("files", ("a.png", png(1, 0), "image/png")),
+            ("files", ("b.png", png(2, 0), "image/png")),
+        ],
+        data={"metadata": ['{"ok": 1}', "[1, 2]"]},
+    )
+    assert mixed.status_code == 207
+    first, second = mixed.json()["results"]
+    assert first["status"] == "created" and first["image"]["metadata"] == {"ok": 1}
+    assert second["status"] == "rejected" and "JSON object" in second["error"]
+    mismatch = client.post(
+        url, files=[("files", ("c.png", png(3, 0), "image/png"))], data={"label": ["a", "b"]}
+    )
+    assert mismatch.status_code == 422 and "one per file" in mismatch.json()["detail"]
+
+
+def test_bad_search_requests(limited):
+    client, gallery = limited
+    client.post(
+        f"{API}/galleries/{gallery}/images", files=[("files", ("a.png", png(0, 0), "image/png"))]
+    )
+    url = f"{API}/galleries/{gallery}/search"
+    query = {"image": ("q.png", png(0, 0), "image/png")}
+
+    def detail(response, status: int) -> str:
+        assert response.status_code == status, response.text
+        assert isinstance(response.json()["detail"], str)
+        return response.json()["detail"]
+
+    assert "k" in detail(client.post(url, files=query, data={"k": "0"}), 422)
+    assert "above the limit" in detail(
+        client.post(url, files=query, data={"k": "999", "offset": "2"}), 422
+    )
+    assert "JSON" in detail(client.post(url, files=query, data={"metadata": "{oops"}), 422)
+    assert "metadata keys" in detail(
+        client.post(url, files=query, data={"metadata": '{"a b": 1}'}), 422
+    )
+    assert "not a recognised image" in detail(
+        client.post(url, files={"image": ("q.png", b"nope")}), 415
+    )
+    assert "image" in detail(client.post(url, data={"k": "3"}), 422)
+    assert "gallery 999 does not exist" in detail(
+        client.post(f"{API}/galleries/999/search", files=query), 404
+    )
+    zero = client.post(f"{url}/vector", json={"vector": [0.0] * 16})
+    assert "not all zero" in detail(zero, 422)
+    extra = client.post(f"{url}/vector", json={"vector": [1.0] * 16, "colour": "red"})
+    assert "colour" in detail(extra, 422)
+    assert "image 999 does not exist" in detail(client.get(f"{API}/images/999/similar"), 404)
+    no_labels = client.post(
+        f"{API}/galleries/{gallery}/classify", files={"images": ("q.png", png(0, 0))}
+    )
+    assert "no labelled images" in detail(no_labels, 422)
+    assert json.loads(client.get("/readyz").text)["status"] == "ready"
+
+
+def test_readiness_waits_for_start_up(tmp_path: Path, model_root: Path):
+    client = make_client(tmp_path, model_root)
+    assert client.get("/readyz").status_code == 503  # lifespan not run: nothing loaded yet
+    assert client.get("/healthz").json() == {"status": "ok"}
+    with client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["database"] == "ok"
