@@ -18,6 +18,7 @@ from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 
 from app.api.limits import Limits, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
@@ -76,6 +77,16 @@ async def _service_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": error.message}, status_code=error.status_code)
 
 
+async def _data_error(_: Request, error: Exception) -> JSONResponse:
+    """A value the database refuses (PostgreSQL: a NUL character in a text, a number out of
+    range): the request's session rolls its transaction back, so nothing was stored."""
+    assert isinstance(error, DataError)
+    reason = str(error.orig).strip().splitlines()[0] if error.orig else "invalid value"
+    return JSONResponse(
+        {"detail": f"the database refused a value of this request: {reason}"}, status_code=422
+    )
+
+
 async def _validation_error(_: Request, error: Exception) -> JSONResponse:
     """FastAPI's validation errors as one readable sentence per problem."""
     assert isinstance(error, RequestValidationError)
@@ -116,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DataError, _data_error)
     app.include_router(api_router)
     app.include_router(health.router)
     install_web(app)  # the web interface at /ui/ (issue 7, app/web)

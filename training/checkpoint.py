@@ -112,7 +112,7 @@ def read_card(directory: Path) -> ModelCard:
         raise CheckpointError(f"{directory} is not a lookalike model (no {CARD_FILE} in it)")
     try:
         card = ModelCard.model_validate(json.loads(card_path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValidationError) as error:
         first = str(error).splitlines()[0]
         raise CheckpointError(f"{card_path} is corrupt or of another format: {first}") from error
     if card.format != FORMAT:

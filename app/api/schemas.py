@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Path, Query
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -24,6 +25,11 @@ from app.services.search import Classification, Filters, Hit, SearchOutcome, Vot
 
 API = "/api/v1"
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Ids and list offsets are PostgreSQL `integer`s: larger values get a 422 from validation
+# instead of an overflow in the database driver (a 500).
+MAX_INT = 2**31 - 1
+Id = Annotated[int, Path(le=MAX_INT)]
+ListOffset = Annotated[int, Query(ge=0, le=MAX_INT)]
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -81,7 +87,7 @@ class GalleryOut(BaseModel):
     index_version: int
     image_count: int
     labelled_count: int
-    index_size: int | None = Field(description="Vectors in the loaded index (None: not loaded).")
+    index_size: int = Field(description="Vectors in the gallery's active index.")
     suggested_index_type: str | None = Field(
         description="An approximate index type, suggested once the gallery is large."
     )

@@ -22,7 +22,7 @@ class GalleryInfo:
     gallery: Gallery
     image_count: int
     labelled_count: int
-    index_size: int | None  # vectors in the loaded index; None when not loaded in this process
+    index_size: int  # vectors in the active index (counted in the database when not loaded)
     suggested_index_type: str | None  # an approximate type once the gallery outgrows "flat"
 
 
@@ -43,6 +43,38 @@ def _index_type(value: str) -> IndexType:
         raise Invalid(f"unknown index type {value!r}; choose one of {choices}") from None
 
 
+# Index parameters (`GalleryIndex.build`) and the values each accepts; a type ignores the
+# others, so switching the type alone keeps the old parameters.
+_INDEX_PARAMS = {
+    "m": "a positive integer (HNSW: links per node; IVF-PQ: sub-quantizers, dividing the "
+    "model's dimension)",
+    "ef_search": "a positive integer",
+    "ef_construction": "a positive integer",
+    "nlist": "a positive integer",
+    "nprobe": "a positive integer",
+    "compact_fraction": "a number in (0, 1]",
+}
+
+
+def _check_index_params(kind: IndexType, params: dict[str, Any], dimension: int) -> None:
+    """Refuse parameters the index build would fail on later (at the first search)."""
+    for key, value in params.items():
+        if key not in _INDEX_PARAMS:
+            known = ", ".join(_INDEX_PARAMS)
+            raise Invalid(f"unknown index parameter {key!r}; the parameters are {known}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key == "compact_fraction":
+            valid = number and 0 < value <= 1
+        else:
+            valid = number and value == int(value) and value >= 1
+        if not valid:
+            raise Invalid(f"index parameter {key} must be {_INDEX_PARAMS[key]}, got {value!r}")
+    if kind is IndexType.ivfpq and "m" in params and dimension % int(params["m"]):
+        raise Invalid(
+            f"IVF-PQ parameter m={params['m']} must divide the model's dimension {dimension}"
+        )
+
+
 def create_gallery(
     session: Session,
     name: str,
@@ -55,8 +87,9 @@ def create_gallery(
         model_id = session.scalar(select(Model.id).where(Model.name == BUILTIN_MODEL))
         if model_id is None:
             raise NotFound("give a model_id: the built-in model is not installed on this server")
-    get_model(session, model_id)
+    dimension = get_model(session, model_id).embedding_dim
     kind = _index_type(index_type)
+    _check_index_params(kind, index_params or {}, dimension)
     gallery = Gallery(
         name=name,
         model_id=model_id,
@@ -97,7 +130,19 @@ def list_galleries(runtime: Runtime, session: Session) -> list[GalleryInfo]:
             .group_by(Image.gallery_id)
         ).all()
     )
-    return [_info(runtime, g, counts.get(g.id, 0), labelled.get(g.id, 0)) for g in galleries]
+    vectors = dict(
+        session.execute(
+            select(Image.gallery_id, func.count())
+            .join(ImageEmbedding, ImageEmbedding.image_id == Image.id)
+            .join(Gallery, Gallery.id == Image.gallery_id)
+            .where(ImageEmbedding.model_id == Gallery.model_id)
+            .group_by(Image.gallery_id)
+        ).all()
+    )
+    return [
+        _info(runtime, g, counts.get(g.id, 0), labelled.get(g.id, 0), vectors.get(g.id, 0))
+        for g in galleries
+    ]
 
 
 def gallery_info(runtime: Runtime, session: Session, gallery_id: int) -> GalleryInfo:
@@ -109,15 +154,28 @@ def gallery_info(runtime: Runtime, session: Session, gallery_id: int) -> Gallery
         )
         or 0
     )
-    return _info(runtime, gallery, count, labelled)
+    vectors = session.scalar(
+        select(func.count())
+        .select_from(ImageEmbedding)
+        .join(Image, Image.id == ImageEmbedding.image_id)
+        .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == gallery.model_id)
+    )
+    return _info(runtime, gallery, count, labelled, vectors or 0)
 
 
-def _info(runtime: Runtime, gallery: Gallery, count: int, labelled: int) -> GalleryInfo:
+def _info(
+    runtime: Runtime, gallery: Gallery, count: int, labelled: int, vectors: int
+) -> GalleryInfo:
+    """`vectors`: the gallery's stored embeddings by its active model, what its index holds once
+    loaded and current; the loaded index's own size when it is current (a gallery created or
+    changed since start-up is loaded by its next search)."""
     index = runtime.index_store.get(gallery.id, gallery.model_id)
+    if index is not None and runtime.indexes.is_current(gallery):
+        vectors = len(index)
     suggestion = None
     if gallery.index_type == IndexType.flat and count > runtime.settings.hnsw_suggest_threshold:
         suggestion = IndexType.hnsw.value
-    return GalleryInfo(gallery, count, labelled, None if index is None else len(index), suggestion)
+    return GalleryInfo(gallery, count, labelled, vectors, suggestion)
 
 
 def delete_gallery(runtime: Runtime, session: Session, gallery_id: int) -> None:
@@ -159,9 +217,11 @@ def switch_index(
     Raises Conflict when images still lack embeddings by the new model (uploads that arrived
     meanwhile): embed those and call again."""
     gallery = get_gallery(session, gallery_id)
-    target_model = gallery.model_id if model_id is None else get_model(session, model_id).id
+    target = get_model(session, gallery.model_id if model_id is None else model_id)
+    target_model = target.id
     kind = _index_type(index_type or gallery.index_type)
     params = gallery.index_params if index_params is None else index_params
+    _check_index_params(kind, params, target.embedding_dim)
     version = gallery.index_version + 1
     # The guarded update is the transaction's first write: it locks the gallery row against
     # concurrent uploads (which check the model in the same way) until the commit.

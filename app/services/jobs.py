@@ -16,7 +16,7 @@ import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select, update
@@ -49,12 +49,16 @@ class UnsupportedArchive(ServiceError):
 
 
 # ---------------------------------------------------------------------- parameters per type
+# A row id (PostgreSQL `integer`): a larger number is a 422 here, not an overflow in the driver.
+RowId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class TrainParams(_Params):
-    dataset_id: int
+    dataset_id: RowId
     method: str = "margin"
     preset: str | None = None
     hyperparameters: dict[str, Any] = Field(
@@ -66,27 +70,27 @@ class TrainParams(_Params):
 
 
 class EvaluateParams(_Params):
-    model_id: int
-    dataset_id: int
+    model_id: RowId
+    dataset_id: RowId
     split: Literal["test", "train"] = "test"
     max_classes: int | None = Field(None, ge=2)
 
 
 class IndexParams(_Params):
-    gallery_id: int
-    model_id: int
+    gallery_id: RowId
+    model_id: RowId
     index_type: IndexType | None = Field(None, description="default: the gallery's type")
 
 
 class ImportParams(_Params):
-    gallery_id: int
+    gallery_id: RowId
     folder: str | None = Field(None, description="a folder under the server's dataset root")
     label_from_folder: bool = Field(True, description="label = the file's parent folder name")
     archive: bool = Field(False, description="set by POST /jobs/import (an uploaded archive)")
 
 
 class DatasetParams(_Params):
-    dataset_id: int
+    dataset_id: RowId
     size: int = Field(128, ge=32, le=512)
     max_classes: int | None = Field(None, ge=2)
 
@@ -214,7 +218,7 @@ def folder_under_root(settings: Settings, folder: str) -> Path:
     outside = Invalid(f"{folder!r} is not a folder under the server's dataset root")
     try:
         path = (root / folder).resolve(strict=True)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ValueError) as error:  # ValueError: a NUL in the path
         raise outside from error
     if not path.is_relative_to(root) or not path.is_dir():
         raise outside

@@ -83,7 +83,7 @@ def register_path(session: Session, settings: Settings, name: str, path: str) ->
     try:
         directory = (root / candidate).resolve(strict=True)
         files = [(directory / f).resolve(strict=True) for f in (CARD_FILE, WEIGHTS_FILE)]
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, ValueError) as error:  # ValueError: a NUL in the path
         raise outside from error
     if not all(p.is_relative_to(root) for p in (directory, *files)) or not directory.is_dir():
         raise outside

@@ -37,6 +37,12 @@ def test_model_registration_by_path_and_upload(client: TestClient, tiny_model: i
         files={"card": ("card.json", b"{}"), "weights": ("model.safetensors", b"junk")},
     )
     assert broken.status_code == 422 and "not a valid model artifact" in broken.json()["detail"]
+    not_text = client.post(
+        f"{API}/models",
+        data={"name": "not-text"},
+        files={"card": ("card.json", b"\xff\xfe{"), "weights": ("model.safetensors", b"junk")},
+    )
+    assert not_text.status_code == 422 and "corrupt" in not_text.json()["detail"]
     neither = client.post(f"{API}/models", data={"name": "nothing"})
     assert neither.status_code == 422
     assert client.get(f"{API}/models/999").status_code == 404
@@ -47,7 +53,15 @@ def test_model_paths_outside_the_root_are_refused(client: TestClient, model_root
     link = model_root / f"escape-{os.getpid()}-{tmp_path.name}"
     link.symlink_to(outside, target_is_directory=True)
     try:
-        for path in ("../elsewhere", str(outside), link.name, "/etc", "tiny/../../x", "missing"):
+        for path in (
+            "../elsewhere",
+            str(outside),
+            link.name,
+            "/etc",
+            "tiny/../../x",
+            "missing",
+            "ti\x00ny",
+        ):
             response = client.post(f"{API}/models", data={"name": "evil", "path": path})
             assert response.status_code == 422, path
             assert (
@@ -75,9 +89,28 @@ def test_gallery_lifecycle_and_index_switch(client: TestClient, tiny_model: int)
         f"{API}/galleries", json={"name": "h", "model_id": tiny_model, "index_type": "lsh"}
     )
     assert bad_type.status_code == 422 and "index_type" in bad_type.json()["detail"]
+    # Index parameters the build would fail on (at the first search) are refused at once.
+    for kind, params, problem in (
+        ("hnsw", {"m": "x"}, "must be a positive integer"),
+        ("hnsw", {"M": 8}, "unknown index parameter 'M'"),
+        ("ivfpq", {"nlist": -5}, "must be a positive integer"),
+        ("ivfpq", {"m": 5}, "must divide the model's dimension 16"),
+        ("flat", {"compact_fraction": 2}, "must be a number in (0, 1]"),
+    ):
+        body = {"name": "h", "model_id": tiny_model, "index_type": kind, "index_params": params}
+        refused = client.post(f"{API}/galleries", json=body)
+        assert refused.status_code == 422 and problem in refused.json()["detail"], params
+        patch = {"index_type": kind, "index_params": params}
+        refused = client.patch(f"{API}/galleries/{gid}", json=patch)
+        assert refused.status_code == 422 and problem in refused.json()["detail"], params
+    assert [g["id"] for g in client.get(f"{API}/galleries").json()] == [gid]
+    assert client.get(f"{API}/galleries/{gid}").json()["index_version"] == 1
 
     files = [("files", (f"{i}.png", png(i % 3, i), "image/png")) for i in range(6)]
     assert client.post(f"{API}/galleries/{gid}/images", files=files).status_code == 201
+    # Not searched yet (its index is not loaded in this process): the size is still reported.
+    assert client.get(f"{API}/galleries/{gid}").json()["index_size"] == 6
+    assert [g["index_size"] for g in client.get(f"{API}/galleries").json()] == [6]
     query = {"image": ("q.png", png(1, 1), "image/png")}
     before = client.post(f"{API}/galleries/{gid}/search", files=query, data={"k": "6"}).json()
 
@@ -96,7 +129,7 @@ def test_gallery_lifecycle_and_index_switch(client: TestClient, tiny_model: int)
     assert [h["image_id"] for h in after["results"]] == [h["image_id"] for h in before["results"]]
 
     listed = client.get(f"{API}/galleries").json()
-    assert [(g["id"], g["image_count"]) for g in listed] == [(gid, 6)]
+    assert [(g["id"], g["image_count"], g["index_size"]) for g in listed] == [(gid, 6, 6)]
     assert client.delete(f"{API}/galleries/{gid}").status_code == 204
     assert client.get(f"{API}/galleries/{gid}").status_code == 404
     assert not (client.app.state.settings.uploads_dir / str(gid)).exists()

@@ -211,6 +211,43 @@ def test_bad_search_requests(limited):
     assert json.loads(client.get("/readyz").text)["status"] == "ready"
 
 
+def test_values_the_database_cannot_hold_get_4xx(client: TestClient, gallery: int):
+    """Ids and offsets beyond the integer columns, and NUL characters (PostgreSQL refuses them
+    in text), are refused with a 4xx, on both databases, and store nothing."""
+    huge = 2**63
+    for url in (
+        f"{API}/images/{2**31}",
+        f"{API}/images/{huge}",
+        f"{API}/images/{huge}/similar",
+        f"{API}/galleries/{huge}",
+        f"{API}/models/{huge}",
+        f"{API}/jobs/{huge}",
+        f"{API}/datasets/{huge}",
+        f"{API}/reports/models/{huge}",
+        f"{API}/galleries/{gallery}/images?offset={huge}",
+        f"{API}/jobs?offset={huge}",
+    ):
+        response = client.get(url)
+        assert response.status_code == 422 and "less than or equal" in response.text, url
+
+    picture = ("files", ("a.png", png(0, 0), "image/png"))
+    for field in ("label", "external_id"):
+        rejected = client.post(
+            f"{API}/galleries/{gallery}/images", files=[picture], data={field: "a\x00b"}
+        )
+        assert rejected.status_code == 422, rejected.text
+        assert f"{field} contains a NUL character" in rejected.json()["results"][0]["error"]
+    assert_nothing_stored(client, gallery)
+    for response in (
+        client.post(f"{API}/galleries", json={"name": "a\x00b"}),
+        client.get(f"{API}/galleries/{gallery}/images", params={"label": "a\x00"}),
+    ):
+        assert response.status_code < 500, response.text
+    if client.app.state.settings.database_url.startswith("postgresql"):
+        assert response.status_code == 422 and "refused a value" in response.json()["detail"]
+    assert len(client.get(f"{API}/galleries").json()) == 1
+
+
 def test_readiness_waits_for_start_up(tmp_path: Path, model_root: Path):
     client = make_client(tmp_path, model_root)
     assert client.get("/readyz").status_code == 503  # lifespan not run: nothing loaded yet

@@ -274,7 +274,12 @@ def test_idempotency_key_returns_the_same_job(redis_env, ids):
         headers={"Idempotency-Key": "eval-once"},
     )
     assert other.status_code == 422 and "different request" in other.json()["detail"]
-    assert wait_for(client, first["id"], finished)["state"] == "succeeded"
+    done = wait_for(client, first["id"], finished)
+    assert done["state"] == "succeeded"
+    # Times are UTC and say so (SQLite hands back naive datetimes): browsers read them right.
+    stamps = [done[key] for key in ("created_at", "started_at", "finished_at", "heartbeat_at")]
+    dataset = client.get(f"/api/v1/datasets/{ids['dataset']}").json()
+    assert all(stamp.endswith("Z") for stamp in [*stamps, dataset["created_at"]]), stamps
 
 
 # ---------------------------------------------------------------------- cancel and failure
@@ -349,6 +354,7 @@ def test_bad_requests_are_refused_before_queuing(redis_env, ids):
         ("import", {"gallery_id": 999, "folder": "tiny"}, 422, "gallery 999"),
         ("reticulate", {}, 422, "unknown job type"),
         ("evaluate", {"model_id": ids["model"]}, 422, "dataset_id"),
+        ("index", {"gallery_id": 2**63, "model_id": ids["model"]}, 422, "less than or equal"),
     ]
     for job_type, params, status, message in cases:
         response = client.post(JOBS, json={"type": job_type, "params": params})
@@ -364,6 +370,14 @@ def test_bad_requests_are_refused_before_queuing(redis_env, ids):
         "/api/v1/datasets", json={"name": "x", "kind": "imagefolder", "path": "../.."}
     )
     assert bad_dataset.status_code == 422
+    nul = client.post(
+        "/api/v1/datasets", json={"name": "x", "kind": "imagefolder", "path": "a\x00"}
+    )
+    assert nul.status_code == 422 and "not a folder under" in nul.json()["detail"]
+    huge = client.post(
+        f"{JOBS}/import", data={"gallery_id": str(2**63)}, files={"archive": ("a.zip", b"PK")}
+    )
+    assert huge.status_code == 422 and "less than or equal" in huge.json()["detail"]
     assert client.get(JOBS).json()["total"] == total  # nothing was queued
 
 

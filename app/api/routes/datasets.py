@@ -3,7 +3,6 @@ benchmark a worker builds), list, show."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -11,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
 from app.api.routes.jobs import JobQueueDep
-from app.api.schemas import API
+from app.api.schemas import API, Id, Timestamp
 from app.db.models import Dataset
 from app.services import datasets as service
 from app.services.datasets import DatasetRequest
@@ -27,7 +26,7 @@ class DatasetOut(BaseModel):
     splits: dict[str, Any] | None = Field(description="classes and images per split")
     job_id: int | None = Field(description="the job building it (icons, cjk)")
     error: str | None
-    created_at: datetime
+    created_at: Timestamp
 
     @classmethod
     def of(cls, dataset: Dataset) -> DatasetOut:
@@ -69,5 +68,5 @@ def list_datasets(session: SessionDep, settings: SettingsDep) -> list[DatasetOut
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, dependencies=[ReadAccess])
-def get_dataset(dataset_id: int, session: SessionDep, settings: SettingsDep) -> DatasetOut:
+def get_dataset(dataset_id: Id, session: SessionDep, settings: SettingsDep) -> DatasetOut:
     return DatasetOut.of(service.get_dataset(session, settings, dataset_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from app.api.deps import ReadAccess, RuntimeDep, SessionDep, WriteAccess
-from app.api.schemas import GalleryCreate, GalleryOut, GalleryUpdate
+from app.api.schemas import GalleryCreate, GalleryOut, GalleryUpdate, Id
 from app.services import galleries as service
 
 router = APIRouter(prefix="/galleries", tags=["galleries"])
@@ -27,13 +27,13 @@ def list_galleries(runtime: RuntimeDep, session: SessionDep) -> list[GalleryOut]
 
 
 @router.get("/{gallery_id}", response_model=GalleryOut, dependencies=[ReadAccess])
-def get_gallery(gallery_id: int, runtime: RuntimeDep, session: SessionDep) -> GalleryOut:
+def get_gallery(gallery_id: Id, runtime: RuntimeDep, session: SessionDep) -> GalleryOut:
     return GalleryOut.of(service.gallery_info(runtime, session, gallery_id))
 
 
 @router.patch("/{gallery_id}", response_model=GalleryOut, dependencies=[WriteAccess])
 def update_gallery(
-    gallery_id: int, body: GalleryUpdate, runtime: RuntimeDep, session: SessionDep
+    gallery_id: Id, body: GalleryUpdate, runtime: RuntimeDep, session: SessionDep
 ) -> GalleryOut:
     """Rebuild the index with another type or parameters from the stored embeddings (a new
     index version; searches keep answering from the old one until the new one is in place).
@@ -49,6 +49,6 @@ def update_gallery(
 
 
 @router.delete("/{gallery_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess])
-def delete_gallery(gallery_id: int, runtime: RuntimeDep, session: SessionDep) -> Response:
+def delete_gallery(gallery_id: Id, runtime: RuntimeDep, session: SessionDep) -> Response:
     service.delete_gallery(runtime, session, gallery_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -8,7 +8,15 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse
 
 from app.api.deps import ReadAccess, RuntimeDep, SessionDep, WriteAccess
-from app.api.schemas import ImageOut, ImagePage, UploadItem, UploadResponse, parse_metadata
+from app.api.schemas import (
+    Id,
+    ImageOut,
+    ImagePage,
+    ListOffset,
+    UploadItem,
+    UploadResponse,
+    parse_metadata,
+)
 from app.services import images as service
 from app.services.errors import Invalid, TooLarge
 
@@ -35,7 +43,7 @@ def _per_file(values: list[str] | None, count: int, field: str) -> list[str | No
     responses={207: {"description": "Some files were rejected; see each result."}},
 )
 def upload_images(
-    gallery_id: int,
+    gallery_id: Id,
     runtime: RuntimeDep,
     session: SessionDep,
     files: Annotated[list[UploadFile], File(description="One or more images.")],
@@ -88,6 +96,8 @@ def _uploads(
         for value, name in ((labels[position], "label"), (external_ids[position], "external_id")):
             if value is not None and len(value) > 200:
                 errors[position] = f"{name} is longer than 200 characters"
+            elif value is not None and "\x00" in value:
+                errors[position] = f"{name} contains a NUL character"
         uploads.append(
             service.Upload(
                 data=b"" if position in errors else file.file.read(),
@@ -102,10 +112,10 @@ def _uploads(
 
 @router.get("/galleries/{gallery_id}/images", response_model=ImagePage, dependencies=[ReadAccess])
 def list_images(
-    gallery_id: int,
+    gallery_id: Id,
     session: SessionDep,
     label: Annotated[str | None, Query(description="Only images with this label.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: ListOffset = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ImagePage:
     items, total = service.list_images(session, gallery_id, label=label, offset=offset, limit=limit)
@@ -113,12 +123,12 @@ def list_images(
 
 
 @router.get("/images/{image_id}", response_model=ImageOut, dependencies=[ReadAccess])
-def get_image(image_id: int, session: SessionDep) -> ImageOut:
+def get_image(image_id: Id, session: SessionDep) -> ImageOut:
     return ImageOut.of(service.get_image(session, image_id))
 
 
 @router.get("/images/{image_id}/file", response_class=FileResponse, dependencies=[ReadAccess])
-def get_image_file(image_id: int, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
+def get_image_file(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
     image = service.get_image(session, image_id)
     return FileResponse(service.image_path(runtime.settings, image), media_type=image.content_type)
 
@@ -129,7 +139,7 @@ def get_image_file(image_id: int, runtime: RuntimeDep, session: SessionDep) -> F
     dependencies=[ReadAccess],
     responses={200: {"content": {"image/jpeg": {}}}},
 )
-def get_thumbnail(image_id: int, runtime: RuntimeDep, session: SessionDep) -> Response:
+def get_thumbnail(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Response:
     image = service.get_image(session, image_id)
     return Response(service.thumbnail(runtime.settings, image), media_type="image/jpeg")
 
@@ -137,6 +147,6 @@ def get_thumbnail(image_id: int, runtime: RuntimeDep, session: SessionDep) -> Re
 @router.delete(
     "/images/{image_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess]
 )
-def delete_image(image_id: int, runtime: RuntimeDep, session: SessionDep) -> Response:
+def delete_image(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Response:
     service.delete_image(runtime, session, image_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

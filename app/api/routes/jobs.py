@@ -4,7 +4,6 @@ see docs/jobs.md."""
 from __future__ import annotations
 
 import threading
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
@@ -12,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
-from app.api.schemas import API
+from app.api.schemas import API, MAX_INT, Id, ListOffset, Timestamp
 from app.db.models import Job
 from app.db.models.jobs import JobState, JobType
 from app.services import jobs as service
@@ -66,7 +65,7 @@ class JobOut(BaseModel):
     step: int | None
     total_steps: int | None
     metrics: dict[str, Any] | None = Field(description="The latest metrics the job reported.")
-    eta: datetime | None = Field(description="Estimated completion time (UTC).")
+    eta: Timestamp | None = Field(description="Estimated completion time (UTC).")
     error: str | None
     result: dict[str, Any] | None = Field(
         description="train: model_id and metrics; evaluate: metrics; index: index_version; "
@@ -74,10 +73,10 @@ class JobOut(BaseModel):
     )
     cancel_requested: bool
     worker: str | None
-    heartbeat_at: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    heartbeat_at: Timestamp | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
     celery_task_id: str | None
 
 
@@ -116,7 +115,7 @@ def submit_import(
     session: SessionDep,
     settings: SettingsDep,
     queue: JobQueueDep,
-    gallery_id: Annotated[int, Form()],
+    gallery_id: Annotated[int, Form(le=MAX_INT)],
     archive: Annotated[UploadFile, File(description="A zip or tar (.tar, .tar.gz, ...) file.")],
     label_from_folder: Annotated[bool, Form()] = True,
     idempotency_key: IdempotencyKey = None,
@@ -141,7 +140,7 @@ def list_jobs(
     settings: SettingsDep,
     type: Annotated[JobType | None, Query()] = None,
     state: Annotated[JobState | None, Query()] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: ListOffset = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Newest first."""
@@ -154,13 +153,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, dependencies=[ReadAccess])
-def get_job(job_id: int, session: SessionDep, settings: SettingsDep) -> JobOut:
+def get_job(job_id: Id, session: SessionDep, settings: SettingsDep) -> JobOut:
     return JobOut.model_validate(service.get_job(session, settings, job_id))
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, dependencies=[ReadAccess])
 def job_logs(
-    job_id: int,
+    job_id: Id,
     session: SessionDep,
     settings: SettingsDep,
     lines: Annotated[int, Query(ge=1, le=10_000)] = 200,
@@ -170,7 +169,7 @@ def job_logs(
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, dependencies=[WriteAccess])
-def cancel_job(job_id: int, session: SessionDep, settings: SettingsDep) -> JobOut:
+def cancel_job(job_id: Id, session: SessionDep, settings: SettingsDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (its state
     turns `cancelled` then). 409 when the job has already finished."""
     return JobOut.model_validate(service.cancel(session, settings, job_id))

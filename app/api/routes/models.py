@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
-from app.api.schemas import ModelDetail, ModelOut, Name
+from app.api.schemas import Id, ModelDetail, ModelOut, Name
 from app.services import models as service
 from app.services.errors import Invalid
 
@@ -60,12 +60,12 @@ def register_model(
 
 
 @router.get("/{model_id}", response_model=ModelDetail, dependencies=[ReadAccess])
-def get_model(model_id: int, session: SessionDep) -> ModelDetail:
+def get_model(model_id: Id, session: SessionDep) -> ModelDetail:
     return ModelDetail.model_validate(service.get_model(session, model_id))
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[WriteAccess])
-def delete_model(model_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+def delete_model(model_id: Id, session: SessionDep, settings: SettingsDep) -> Response:
     """Refused (409) while a gallery uses the model, and for the built-in model."""
     service.delete_model(session, settings, model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -8,20 +8,22 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep
+from app.api.schemas import MAX_INT, Id
 from app.services import reports as service
 
 router = APIRouter(prefix="/reports", tags=["reports"], dependencies=[ReadAccess])
 
 DatasetId = Annotated[
     int | None,
-    Query(description="The dataset (default: the one the model was trained on by a train job)."),
+    Query(
+        le=MAX_INT,
+        description="The dataset (default: the one the model was trained on by a train job).",
+    ),
 ]
 
 
 @router.get("/models/{model_id}")
-def model_report(
-    model_id: int, session: SessionDep, dataset_id: DatasetId = None
-) -> dict[str, Any]:
+def model_report(model_id: Id, session: SessionDep, dataset_id: DatasetId = None) -> dict[str, Any]:
     """Metrics per split and source (`sources`: the model card's val/test/train metrics from
     training, the latest evaluate job per split on the dataset), Recall@K curves, per-epoch
     training metrics (`epochs`), train vs test Recall@1 (`memorisation`) and the names of the
@@ -35,7 +37,7 @@ def model_report(
     responses={200: {"content": {"image/png": {}}}},
 )
 def model_report_plot(
-    model_id: int,
+    model_id: Id,
     name: str,
     session: SessionDep,
     settings: SettingsDep,

@@ -10,6 +10,7 @@ from app.api.deps import ReadAccess, RuntimeDep, SessionDep
 from app.api.schemas import (
     BatchSearchResponse,
     ClassifyResponse,
+    Id,
     SearchResponse,
     VectorSearch,
     parse_metadata_filter,
@@ -44,7 +45,7 @@ def _read(files: list[UploadFile]) -> list[bytes]:
 
 @router.post("/galleries/{gallery_id}/search", response_model=SearchResponse)
 def search(
-    gallery_id: int,
+    gallery_id: Id,
     runtime: RuntimeDep,
     session: SessionDep,
     image: Annotated[UploadFile, File(description="The query image.")],
@@ -70,7 +71,7 @@ def search(
 
 @router.post("/galleries/{gallery_id}/search/batch", response_model=BatchSearchResponse)
 def search_batch(
-    gallery_id: int,
+    gallery_id: Id,
     runtime: RuntimeDep,
     session: SessionDep,
     images: Annotated[list[UploadFile], File(description="Several query images.")],
@@ -98,7 +99,7 @@ def search_batch(
 
 @router.post("/galleries/{gallery_id}/search/vector", response_model=SearchResponse)
 def search_vector(
-    gallery_id: int, body: Annotated[VectorSearch, Body()], runtime: RuntimeDep, session: SessionDep
+    gallery_id: Id, body: Annotated[VectorSearch, Body()], runtime: RuntimeDep, session: SessionDep
 ) -> SearchResponse:
     """Search with an embedding computed elsewhere (it must have the model's dimension)."""
     outcome = service.search_vector(
@@ -116,7 +117,7 @@ def search_vector(
 
 @router.get("/images/{image_id}/similar", response_model=SearchResponse)
 def similar(
-    image_id: int,
+    image_id: Id,
     runtime: RuntimeDep,
     session: SessionDep,
     k: Annotated[int, Query(ge=1)] = 10,
@@ -139,7 +140,7 @@ def similar(
 
 @router.post("/galleries/{gallery_id}/classify", response_model=ClassifyResponse)
 def classify(
-    gallery_id: int,
+    gallery_id: Id,
     runtime: RuntimeDep,
     session: SessionDep,
     images: Annotated[list[UploadFile], File(description="One or more query images.")],
