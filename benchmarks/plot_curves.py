@@ -3,7 +3,8 @@
     python benchmarks/plot_curves.py --dataset icons --out docs/img/icons-recall-over-time.png
 
 Reads the `metrics.jsonl` each `lookalike train` run writes (one record per epoch) from the run
-directories benchmarks/baselines.py made; the untrained backbone is drawn as a flat line.
+directories benchmarks/baselines.py made. The wall-clock panel shows what a run cost on the machine
+as it was (other work slows it); the epoch panel is the fair comparison.
 """
 
 from __future__ import annotations
