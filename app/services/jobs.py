@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import uuid
 import zipfile
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
@@ -24,10 +25,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.db.models import Dataset, Gallery, Job
+from app.db.models import Dataset, Job
 from app.db.models.jobs import ACTIVE_STATES, JobState, JobType
 from app.index_store import IndexType
 from app.services.errors import Conflict, Invalid, NotFound, ServiceError, TooLarge
+from app.services.galleries import get_gallery
 from app.services.models import get_model
 from app.worker.celery_app import QUEUE_OF_TYPE, make_celery, task_name
 
@@ -225,16 +227,10 @@ def folder_under_root(settings: Settings, folder: str) -> Path:
     return path
 
 
-def _gallery(session: Session, gallery_id: int) -> Gallery:
-    gallery = session.get(Gallery, gallery_id)
-    if gallery is None:
-        raise Invalid(f"gallery {gallery_id} does not exist; GET /api/v1/galleries lists them")
-    return gallery
-
-
-def _model_exists(session: Session, model_id: int) -> None:
+def _must_exist(lookup: Callable[[Session, int], object], session: Session, row_id: int) -> None:
+    """A job parameter naming a missing gallery or model is a bad request (422), not a 404."""
     try:
-        get_model(session, model_id)
+        lookup(session, row_id)
     except NotFound as error:
         raise Invalid(error.message) from None
 
@@ -244,14 +240,14 @@ def validate(session: Session, settings: Settings, job_type: str, params: _Param
     if isinstance(params, TrainParams):
         train_config(settings, params, ready_dataset(session, params.dataset_id), out=None)
     elif isinstance(params, EvaluateParams):
-        _model_exists(session, params.model_id)
+        _must_exist(get_model, session, params.model_id)
         ready_dataset(session, params.dataset_id)
     elif isinstance(params, IndexParams):
-        _gallery(session, params.gallery_id)
-        _model_exists(session, params.model_id)
+        _must_exist(get_gallery, session, params.gallery_id)
+        _must_exist(get_model, session, params.model_id)
         _no_active_job(session, JobType.index, params.gallery_id)
     elif isinstance(params, ImportParams):
-        _gallery(session, params.gallery_id)
+        _must_exist(get_gallery, session, params.gallery_id)
         if params.archive == (params.folder is not None):
             raise Invalid("an import job takes either a folder or an uploaded archive")
         if params.folder is not None:
