@@ -9,30 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import app.embedder as embedder_module
 from app.embedder import BatchingEmbedder, EmbedderClosed, EmbedderRegistry
+from tests.app.conftest import TINY_DIM, write_tiny_artifact
 from tests.conftest import draw_sample
-from training.checkpoint import Embedder, ModelCard, Preprocessing, load_embedder, save_artifact
-from training.models.embedding import EmbeddingModel, ModelSpec
+from training.checkpoint import Embedder, load_embedder
 
-DIM = 8
+DIM = TINY_DIM
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = EmbeddingModel(ModelSpec(embedding_dim=DIM), weights="none").eval()
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=DIM,
-        preprocessing=Preprocessing(
-            image_size=32, test_crop_pct=1.0, interpolation="bilinear", mean=info.mean, std=info.std
-        ),
-    )
-    return save_artifact(tmp_path_factory.mktemp("models") / "tiny", model, card)
+    return write_tiny_artifact(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")
