@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,10 @@ def tiny_dataset(tmp_path: Path) -> Path:
     write_image_folder(root / "train", [f"train_{i}" for i in range(8)], per_class=6)
     write_image_folder(root / "test", [f"test_{i}" for i in range(4)], per_class=5, offset=8)
     return root
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now, for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

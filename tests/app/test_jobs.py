@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -33,7 +32,7 @@ from app.services.jobs import fail_lost_jobs, fail_worker_jobs, now
 from app.services.runtime import Runtime
 from app.worker.runner import claim
 from tests.app.conftest import png, write_tiny_artifact
-from tests.conftest import write_image_folder
+from tests.conftest import free_port, write_image_folder
 
 REDIS_DB = 13  # nobody else on this machine uses it; keys also carry a per-run prefix
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -546,12 +545,6 @@ def _archive_bytes(kind: str) -> bytes:
     return out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_runs_import_jobs_on_the_embedded_broker_without_redis(tmp_path):
     """`lookalike serve`'s machinery: the API over HTTP plus a gpu and a cpu worker process on
     the default broker (an SQLite file in the data directory), all stopped at the end."""
@@ -560,7 +553,7 @@ def test_serve_runs_import_jobs_on_the_embedded_broker_without_redis(tmp_path):
         update={"max_upload_bytes": 1000, "max_archive_bytes": 50_000}
     )
     assert settings.broker_url.startswith("sqla+sqlite:///")
-    with serve_processes(settings, port=_free_port()) as service:
+    with serve_processes(settings, port=free_port()) as service:
         workers = list(service.workers.values())
         with httpx.Client(base_url=service.url, timeout=30) as client:
             model = client.post("/api/v1/models", data={"name": "tiny", "path": "tiny"}).json()

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from app.cli import serve_processes
 from app.core.config import Settings
 from app.worker.celery_app import GPU_QUEUE
 from tests.app.conftest import png, write_tiny_artifact
-from tests.conftest import write_image_folder
+from tests.conftest import free_port, write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -70,12 +69,6 @@ needs_browser = pytest.mark.skipif(bool(MISSING), reason=MISSING or "a browser i
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
     root = tmp_path_factory.mktemp("ui")
@@ -99,7 +92,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Set
         worker_num_workers=0,
         job_heartbeat_s=0.3,
     )
-    port = _free_port()
+    port = free_port()
     with serve_processes(
         settings, port=port, workers=False, worker_log_dir=root / "logs"
     ) as running:
