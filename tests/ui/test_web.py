@@ -195,6 +195,9 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     expected = by_hash[hashlib.sha256(query.read_bytes()).hexdigest()]
     page.goto(f"/ui/#/search?gallery={gallery_id}")
     expect(page.get_by_role("heading", name="Search by picture")).to_be_visible()
+    # The route renders once more when its gallery list arrives; focus after it has settled,
+    # or the Space below lands on a file input that was just replaced.
+    page.wait_for_load_state("networkidle")
     page.locator("#search-k").fill("6")
     # Keyboard only: Tab onto the drop zone's file input, Space opens the file chooser.
     page.locator("#search-k").focus()
@@ -202,7 +205,7 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "search-file"
     with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
+        page.locator("#search-file").press("Space")  # the focused input, re-found if re-rendered
     chooser.value.set_files(str(query))
     first = page.locator("#results li.result").first
     expect(first).to_have_attribute("data-image-id", str(expected))
