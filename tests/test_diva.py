@@ -398,6 +398,9 @@ def test_diva_trains_from_the_cli_and_its_checkpoint_evaluates_and_loads(tiny_da
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((out / "results.json").read_text())["iterations"] == 2
+    terms = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["terms"]
+    tasks = {f"loss_{task}" for task in ("discriminative", "selfsimilarity", "shared", "intra")}
+    assert tasks <= set(terms) and all(math.isfinite(value) for value in terms.values())
     card = json.loads((out / "best" / "card.json").read_text())
     assert card["method"]["name"] == "diva"
     assert card["architecture"]["head"] == "diva" and card["embedding_dim"] == 64

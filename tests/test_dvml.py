@@ -240,6 +240,8 @@ def test_dvml_trains_through_both_phases_and_its_checkpoint_loads(
          "--param", "phase1_fraction=0.5", *TINY],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[-1]["terms"]) == {"kl", "rec", "syn", "inv", "phase"}
     card = json.loads((out / "best" / "card.json").read_text())
     assert card["method"]["name"] == "dvml"
     assert card["method"]["params"]["base_loss"] == base_loss

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,6 +485,7 @@ class Trainer:
             leave=False,
         )
         losses, images_seen, wait_s, step_s = [], 0, 0.0, 0.0
+        term_sums: dict[str, float] = defaultdict(float)  # the method's loss terms, per epoch
         last_report = time.perf_counter()
         out_of_budget = False
         fetch_started = time.perf_counter()
@@ -495,6 +497,8 @@ class Trainer:
             batch = self._to_batch(images, labels, indices)
             loss, logs = self._step(batch)
             losses.append(loss)
+            for term, value in logs.items():
+                term_sums[term] += value
             images_seen += len(labels)
             self.iteration += 1
             self.batch_in_epoch += 1
@@ -527,6 +531,7 @@ class Trainer:
         busy = max(wait_s + step_s, 1e-9)
         return {
             "loss": float(np.mean(losses)) if losses else None,
+            "terms": {term: total / len(losses) for term, total in term_sums.items()},
             "images_per_s": images_seen / busy,
             "data_wait_fraction": wait_s / busy,
             "epoch_complete": epoch_complete,
