@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
-from tests.conftest import draw_sample
+from tests.conftest import draw_sample, write_image_folder
 from training.checkpoint import ModelCard, Preprocessing, save_artifact
 from training.models.embedding import EmbeddingModel, ModelSpec
 
@@ -48,6 +48,36 @@ def write_tiny_artifact(directory: Path, method: dict | None = None, extras=None
         method=method or {"name": "margin", "params": {}},
     )
     return save_artifact(directory, model, card, extra_tensors=extras)
+
+
+def worker_settings(root: Path, **overrides) -> Settings:
+    """Settings for a real API + Celery worker under `root`: the tiny model in its model root,
+    a tiny ImageFolder dataset ("tiny": 8 train, 4 test classes), quick heartbeats, one thread.
+    Created once per root; `overrides` replace any field (broker, API keys, ...)."""
+    model_root = root / "models-in"
+    if not (model_root / "tiny").exists():
+        write_tiny_artifact(model_root / "tiny")
+    datasets = root / "datasets"
+    if not (datasets / "tiny").exists():
+        write_image_folder(datasets / "tiny" / "train", [f"c{i}" for i in range(8)], per_class=6)
+        write_image_folder(
+            datasets / "tiny" / "test", [f"t{i}" for i in range(4)], per_class=5, offset=8
+        )
+    defaults = {
+        "data_dir": root / "data",
+        "database_url": "",
+        "model_root": model_root,
+        "dataset_root": datasets,
+        "seed_builtin_model": False,
+        "auto_api_key": False,
+        "embed_max_wait_ms": 1.0,
+        "torch_threads": 1,
+        "worker_device": "cpu",
+        "worker_num_workers": 0,
+        "job_heartbeat_s": 0.3,
+        "job_heartbeat_timeout_s": 4.0,
+    }
+    return Settings(**{**defaults, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from app.main import create_app
 from app.services.jobs import fail_lost_jobs, fail_worker_jobs, now
 from app.services.runtime import Runtime
 from app.worker.runner import claim
-from tests.app.conftest import png, write_tiny_artifact
+from tests.app.conftest import png, worker_settings
 from tests.conftest import free_port, write_image_folder
 
 REDIS_DB = 13  # nobody else on this machine uses it; keys also carry a per-run prefix
@@ -61,31 +61,7 @@ needs_redis = pytest.mark.skipif(not _redis_available(), reason="no Redis on 127
 
 
 def make_settings(root: Path, broker_url: str = "", prefix: str = "") -> Settings:
-    model_root = root / "models-in"
-    if not (model_root / "tiny").exists():
-        write_tiny_artifact(model_root / "tiny")
-    datasets = root / "datasets"
-    if not (datasets / "tiny").exists():
-        write_image_folder(datasets / "tiny" / "train", [f"c{i}" for i in range(8)], per_class=6)
-        write_image_folder(
-            datasets / "tiny" / "test", [f"t{i}" for i in range(4)], per_class=5, offset=8
-        )
-    return Settings(
-        data_dir=root / "data",
-        database_url="",
-        model_root=model_root,
-        dataset_root=datasets,
-        broker_url=broker_url,
-        broker_key_prefix=prefix,
-        seed_builtin_model=False,
-        auto_api_key=False,
-        embed_max_wait_ms=1.0,
-        torch_threads=1,
-        worker_device="cpu",
-        worker_num_workers=0,
-        job_heartbeat_s=0.3,
-        job_heartbeat_timeout_s=4.0,
-    )
+    return worker_settings(root, broker_url=broker_url, broker_key_prefix=prefix)
 
 
 class Worker:

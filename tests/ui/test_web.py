@@ -22,8 +22,8 @@ import pytest
 from app.cli import serve_processes
 from app.core.config import Settings
 from app.worker.celery_app import GPU_QUEUE
-from tests.app.conftest import png, write_tiny_artifact
-from tests.conftest import free_port, write_image_folder
+from tests.app.conftest import png, worker_settings
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -72,26 +72,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
     root = tmp_path_factory.mktemp("ui")
-    write_tiny_artifact(root / "models-in" / "tiny")
-    datasets = root / "datasets"
-    write_image_folder(datasets / "tiny" / "train", [f"c{i}" for i in range(8)], per_class=6)
-    write_image_folder(
-        datasets / "tiny" / "test", [f"t{i}" for i in range(4)], per_class=5, offset=8
-    )
-    settings = Settings(
-        data_dir=root / "data",
-        database_url="",
-        model_root=root / "models-in",
-        dataset_root=datasets,
-        api_keys=[API_KEY],
-        seed_builtin_model=False,
-        auto_api_key=False,
-        embed_max_wait_ms=1.0,
-        torch_threads=1,
-        worker_device="cpu",
-        worker_num_workers=0,
-        job_heartbeat_s=0.3,
-    )
+    settings = worker_settings(root, api_keys=[API_KEY], job_heartbeat_timeout_s=120.0)
     port = free_port()
     with serve_processes(
         settings, port=port, workers=False, worker_log_dir=root / "logs"
