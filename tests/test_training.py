@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from typer.testing import CliRunner
 
 from tests.conftest import write_image_folder
 from training.cli import app
+from training.config import list_presets, resolve_config
+from training.methods import METHODS
 
 runner = CliRunner()
 TINY = [
@@ -237,3 +240,14 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["iterations"] == 3
     assert set(results["last"]["test"]) == METRIC_KEYS
+
+
+def test_every_shipped_preset_is_a_valid_config_for_its_method():
+    """Presets are JSON a typo can break: each must validate, name a known method, and give that
+    method only parameters its constructor takes."""
+    assert {"icons", "cjk", "diva-icons", "diva-cub200"} <= set(list_presets())
+    for name in list_presets():
+        config = resolve_config({"data": "unused"}, preset=name)
+        method = METHODS[config.method]
+        accepted = inspect.signature(method.__init__).parameters
+        assert set(config.method_params) <= set(accepted), (name, config.method_params)
