@@ -251,3 +251,11 @@ def test_every_shipped_preset_is_a_valid_config_for_its_method():
         method = METHODS[config.method]
         accepted = inspect.signature(method.__init__).parameters
         assert set(config.method_params) <= set(accepted), (name, config.method_params)
+    variant = resolve_config({"data": "unused"}, preset="diva-icons")
+    base = resolve_config({"data": "unused"}, preset="icons")
+    assert variant.frozen_bn and variant.epochs == base.epochs and variant.lr == base.lr
+    assert (variant.method, variant.method_params, variant.embedding_dim) == (
+        "diva",
+        {"rho": 0},
+        32,
+    )

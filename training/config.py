@@ -105,7 +105,8 @@ def read_preset(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
     preset = json.loads(path.read_text())
     preset.pop("_comment", None)
-    return preset
+    base = preset.pop("extends", None)  # a variant of another preset: only what differs
+    return {**read_preset(base), **preset} if base else preset
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
