@@ -127,6 +127,22 @@ def test_detach_target_stops_the_reconstruction_gradient_into_the_features():
     assert gradient_size(features) == 0
 
 
+@pytest.mark.parametrize("term", ["kl", "syn"])
+def test_detach_variance_input_keeps_the_variance_terms_off_the_features(term):
+    _, features, _, _ = step(only(term, base_loss="npair"), phase=2)
+    assert gradient_size(features) > 0  # the paper's default: KL and z_V reach h
+
+    model, features, _, logs = step(only(term, base_loss="npair", detach_variance_input=True), 2)
+    assert logs[term] > 0
+    assert gradient_size(model.head.mean.weight) > 0
+    assert gradient_size(model.head.log_variance.weight) > 0
+    if term == "kl":
+        assert gradient_size(features) == 0
+    else:  # L_syn still trains h through z_I = invariant(h)
+        assert gradient_size(features) > 0
+        assert gradient_size(model.head.invariant.weight) > 0
+
+
 def test_the_decoder_sees_T_samples_per_image_in_phase_2():
     rows: list[int] = []
 

@@ -259,3 +259,16 @@ def test_every_shipped_preset_is_a_valid_config_for_its_method():
         {"rho": 0},
         32,
     )
+
+
+def test_every_benchmark_variant_names_a_method_and_parameters_it_takes():
+    """benchmarks/baselines.py builds `lookalike train` commands from VARIANTS; a misspelt
+    `--param` would only fail minutes into a benchmark run."""
+    from benchmarks.baselines import VARIANTS
+
+    for name, arguments in VARIANTS.items():
+        pairs = list(zip(arguments[::2], arguments[1::2], strict=True))  # (flag, value)
+        method = METHODS[dict(pairs)["--method"]]
+        params = {value.split("=")[0] for flag, value in pairs if flag == "--param"}
+        accepted = inspect.signature(method.__init__).parameters
+        assert params <= set(accepted), (name, params)

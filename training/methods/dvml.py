@@ -153,6 +153,10 @@ class DVMLMethod(Method):
         phase1_fraction: float = 0.25,
         decoder_hidden_dim: int = 512,  # ujjwaltiwari's decoder (methods.md §2.1)
         detach_target: bool = False,  # both public codes (methods.md §2.6)
+        # Not in the paper (off by default): the variance encoder reads h.detach(), so the KL
+        # and the z_V sample train only that encoder and cannot shrink the backbone features,
+        # the cause of DVML's first-epoch collapse on IconThemes (docs/results.md).
+        detach_variance_input: bool = False,
     ) -> None:
         base_loss_params = dict(base_loss_params or {})
         pairs = {
@@ -175,7 +179,9 @@ class DVMLMethod(Method):
             phase1_fraction=phase1_fraction,
             decoder_hidden_dim=decoder_hidden_dim,
             detach_target=detach_target,
+            detach_variance_input=detach_variance_input,
         )
+        self.detach_variance_input = detach_variance_input
         self.phase1_fraction = phase1_fraction
         self.decoder_hidden_dim = decoder_hidden_dim
         self.phase_settings = {
@@ -215,7 +221,11 @@ class DVMLMethod(Method):
         settings = self.phase_settings[phase]
         outputs = model(batch.images[0])
         invariant = outputs["embedding"].float()
-        mean, log_variance = outputs["mean"].float(), outputs["log_variance"].float()
+        mean, log_variance = outputs["mean"], outputs["log_variance"]
+        if self.detach_variance_input:
+            detached = outputs["features"].detach()
+            mean, log_variance = model.head.mean(detached), model.head.log_variance(detached)
+        mean, log_variance = mean.float(), log_variance.float()
         synthesised = invariant + sample_variation(mean, log_variance, settings.samples)
         decoder_input = synthesised.detach() if settings.detach_decoder_input else synthesised
         reconstructions = model.head.decode(decoder_input.flatten(0, 1)).float()
