@@ -152,6 +152,38 @@ def test_dance_loss_matches_hand_computation_with_per_row_weights():
     assert dropped < expected - 0.005
 
 
+def test_logit_weighting_is_importance_weighted_infonce_by_hand():
+    tau = 0.1
+    queries = unit([1, 0, 0, 0])
+    keys = unit([0.2, math.sqrt(0.96), 0, 0])
+    queue = unit(
+        [0.5, math.sqrt(0.75), 0, 0],  # d = 1
+        [-0.5, 0, math.sqrt(0.75), 0],  # d = 1.73 > 1.4: weight 0, drops out
+        [0.8, 0, 0, 0.6],  # d = 0.632
+    )
+    loss = DaNCELoss(temperature=tau, weighting="logit")(queries, keys, queue)
+    a, b = math.exp(log_inverse_density(1.0)), math.exp(log_inverse_density(math.sqrt(0.4)))
+    # Weights a/(a+b), 0, b/(a+b), times N = 3 keys, on the exponentials.
+    denominator = math.exp(0.2 / tau) + 3 * (
+        a / (a + b) * math.exp(0.5 / tau) + b / (a + b) * math.exp(0.8 / tau)
+    )
+    assert loss.item() == pytest.approx(-0.2 / tau + math.log(denominator), rel=1e-6)
+
+
+def test_logit_weighting_with_equal_weights_is_plain_infonce():
+    queries = unit([1, 0, 0, 0], [0, 1, 0, 0])
+    keys = unit([0.6, 0.8, 0, 0], [0, 0.6, 0.8, 0])
+    # Every queue key at distance 1 from each query: uniform weights.
+    h = math.sqrt(0.5)
+    queue = unit([0.5, 0.5, h, 0], [0.5, 0.5, -h, 0], [0.5, 0.5, 0, h])
+    loss = DaNCELoss(temperature=0.1, weighting="logit")(queries, keys, queue)
+    logits = torch.cat([(queries * keys).sum(1, keepdim=True), queries @ queue.T], 1) / 0.1
+    expected = F.cross_entropy(logits, torch.zeros(2, dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="weighting"):
+        DaNCELoss(weighting="exp")
+
+
 def test_dance_gradient_reaches_only_the_queries():
     queries = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1).requires_grad_()
     keys = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=1).requires_grad_()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,12 @@ class DaNCELoss(nn.Module):
     `upper_cutoff`, w >= 1e-45, normalised over the queue *per query* (DiVA's `--diva_fixed`,
     the paper's intent; the original code normalised per queue column with a global max).
     Because w scales the similarity, not the exponential, a zero-weighted key still adds
-    exp(0) = 1 to the softmax denominator (methods.md §1.2 item 4).
+    exp(0) = 1 to the softmax denominator (methods.md §1.2 item 4), and with ~1/N weights every
+    negative logit is ~0: once the positive is aligned the loss is ~log(1 + N exp(-1/tau)) ~ 0
+    whatever the negatives are (docs/results.md). `weighting="logit"` (not in DiVA's code) puts
+    the weights on the exponential instead, logit_j = q.k_j / tau + log(N w_ij): an importance-
+    weighted InfoNCE whose zero-weighted keys drop out and whose uniform weights give plain
+    InfoNCE.
     """
 
     def __init__(
@@ -56,8 +61,12 @@ class DaNCELoss(nn.Module):
         temperature: float = 0.01,  # all DiVA sample runs (methods.md §1.5); code default 0.1
         lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
         upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
+        weighting: Literal["similarity", "logit"] = "similarity",  # DiVA's code (§1.2 item 4)
     ) -> None:
         super().__init__()
+        if weighting not in ("similarity", "logit"):
+            raise ValueError(f"weighting must be 'similarity' or 'logit', got {weighting!r}")
+        self.weighting = weighting
         self.temperature = temperature
         self.lower_cutoff = lower_cutoff
         self.upper_cutoff = upper_cutoff
@@ -71,7 +80,11 @@ class DaNCELoss(nn.Module):
             positive = (queries * keys).sum(dim=1, keepdim=True)
             similarities = queries @ queue.T
             weights = self.negative_weights(similarities.detach(), queries.shape[1])
-            logits = torch.cat([positive, similarities * weights], dim=1) / self.temperature
+            if self.weighting == "similarity":
+                negatives = similarities * weights / self.temperature
+            else:
+                negatives = similarities / self.temperature + (weights * len(queue)).log()
+            logits = torch.cat([positive / self.temperature, negatives], dim=1)
             targets = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
             return F.cross_entropy(logits, targets)
 

@@ -122,6 +122,7 @@ class DiVA(Method):
         n_key_batches: int = 30,  # DiVA --diva_moco_n_key_batches, CUB/CARS (methods.md §1.5)
         dance_lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
         dance_upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
+        dance_weighting: Literal["similarity", "logit"] = "similarity",  # see DaNCELoss
         margin: float = 0.2,  # DiVA --loss_margin_margin (methods.md §1.2)
         beta_init: float = 1.2,  # DiVA --loss_margin_beta (methods.md §1.2)
         beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (methods.md §1.2)
@@ -144,6 +145,7 @@ class DiVA(Method):
             n_key_batches=n_key_batches,
             dance_lower_cutoff=dance_lower_cutoff,
             dance_upper_cutoff=dance_upper_cutoff,
+            dance_weighting=dance_weighting,
             margin=margin,
             beta_init=beta_init,
             beta_lr=beta_lr,
@@ -182,6 +184,7 @@ class DiVA(Method):
             temperature=temperature,
             lower_cutoff=dance_lower_cutoff,
             upper_cutoff=dance_upper_cutoff,
+            weighting=dance_weighting,
         )
         self.decorrelation = AdversarialDecorrelation(
             DECORRELATIONS, rhos, embedding_dim, hidden_dim=regressor_hidden_dim
