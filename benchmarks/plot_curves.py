@@ -34,20 +34,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--runs", type=Path, default=Path("runs/baselines"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    runs = sorted(args.runs.glob(f"{args.dataset}-*-s{args.seed}"))
+    runs = sorted(run for seed in args.seeds for run in args.runs.glob(f"{args.dataset}-*-s{seed}"))
     runs = [run for run in runs if (run / "metrics.jsonl").exists()]
     if not runs:
         raise SystemExit(f"no runs with metrics.jsonl under {args.runs} for {args.dataset}")
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for run in runs:
-        method = run.name.removeprefix(f"{args.dataset}-").rsplit("-", 2)[0]
+        method, _, seed = run.name.removeprefix(f"{args.dataset}-").rsplit("-", 2)
+        label = method if len(args.seeds) == 1 else f"{method} {seed}"
         minutes, recall, epochs = load_curve(run)
-        by_time.plot(minutes, recall, marker=".", label=method)
-        by_epoch.plot(epochs, recall, marker=".", label=method)
+        by_time.plot(minutes, recall, marker=".", label=label)
+        by_epoch.plot(epochs, recall, marker=".", label=label)
     by_time.set(xlabel="training time (min, wall clock incl. validation)", ylabel="val Recall@1")
     by_epoch.set(xlabel="epoch (same images for every method)")
     for axis in (by_time, by_epoch):
