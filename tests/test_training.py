@@ -245,7 +245,7 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
 def test_every_shipped_preset_is_a_valid_config_for_its_method():
     """Presets are JSON a typo can break: each must validate, name a known method, and give that
     method only parameters its constructor takes."""
-    assert {"icons", "cjk", "diva-icons", "diva-cub200"} <= set(list_presets())
+    assert {"icons", "cjk", "diva-icons", "dvml-icons", "diva-cub200"} <= set(list_presets())
     for name in list_presets():
         config = resolve_config({"data": "unused"}, preset=name)
         method = METHODS[config.method]
