@@ -20,7 +20,9 @@ COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r"]
 IMAGE_SIZE = 112  # the CPU presets' resolution
 
 # One fair protocol (issue 3): the dataset preset fixes backbone, resolution, augmentation,
-# optimiser, batch size (64) and epochs for every method; only the method differs.
+# optimiser, batch size (64) and epochs for every method; only the method differs. A variant
+# adds `lookalike train` options to the dataset's preset, or names a method preset of its own
+# ("{dataset}" filled in) that extends the dataset's preset and so keeps the protocol.
 VARIANTS = {
     "margin": ["--method", "margin"],
     "triplet": ["--method", "triplet"],
@@ -29,14 +31,22 @@ VARIANTS = {
     # Four heads of 32 dimensions: the same 128-d test embedding as every other method.
     "diva": ["--method", "diva", "--embedding-dim", "32"],
     "diva-512": ["--method", "diva"],  # the paper's 4 x 128
-    # The setting the diva-icons preset chose on IconThemes' validation split: no decorrelation.
-    "diva-rho0": ["--method", "diva", "--embedding-dim", "32", "--param", "rho=0"],
+    "diva-tuned": ["--preset", "diva-{dataset}"],
     "dvml-triplet": ["--method", "dvml", "--param", "base_loss=triplet"],
     "dvml-npair": ["--method", "dvml", "--param", "base_loss=npair"],
     "dvml-margin": ["--method", "dvml", "--param", "base_loss=margin"],
+    "dvml-margin-tuned": ["--preset", "dvml-{dataset}"],
+    "dvml-triplet-tuned": ["--preset", "dvml-{dataset}", "--param", "base_loss=triplet"],
+    "dvml-npair-tuned": ["--preset", "dvml-{dataset}", "--param", "base_loss=npair"],
     # 16 clusters x 4 images: the same 64 images per batch as the others.
     "magnet": ["--method", "magnet", "--param", "clusters_per_batch=16"],
 }
+
+
+def variant_options(method: str, dataset: str) -> list[str]:
+    """The `lookalike train` options of a variant on a dataset, its preset included."""
+    options = [option.format(dataset=dataset) for option in VARIANTS[method]]
+    return options if "--preset" in options else ["--preset", dataset, *options]
 
 
 def run(command: list[str]) -> None:
@@ -100,9 +110,7 @@ def trained_row(
                 "train",
                 "--data",
                 str(data),
-                *VARIANTS[method],
-                "--preset",
-                dataset,
+                *variant_options(method, dataset),
                 "--out",
                 str(out),
                 "--seed",

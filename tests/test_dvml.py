@@ -38,9 +38,10 @@ class PooledFeaturesModel(nn.Module):
     """Stands in for `EmbeddingModel`: its "images" are already the pooled backbone features,
     so the tests see exactly which gradients reach h."""
 
-    def __init__(self) -> None:
+    def __init__(self, method: DVMLMethod) -> None:
         super().__init__()
-        self.head = DVMLHead(FEATURE_DIM, EMBEDDING_DIM, decoder_hidden_dim=16)
+        options = {**method.head_options(), "decoder_hidden_dim": 16}
+        self.head = DVMLHead(FEATURE_DIM, EMBEDDING_DIM, **options)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.head(images)
@@ -64,7 +65,7 @@ def step(method: DVMLMethod, phase: int = 1, prepare=None):
 
     `prepare(model)` runs before the step (e.g. to hook the decoder)."""
     torch.manual_seed(0)
-    model = PooledFeaturesModel()
+    model = PooledFeaturesModel(method)
     if prepare is not None:
         prepare(model)
     features = torch.randn(len(LABELS), FEATURE_DIM, requires_grad=True)
@@ -262,7 +263,10 @@ def test_dvml_trains_through_both_phases_and_its_checkpoint_loads(
     assert card["method"]["name"] == "dvml"
     assert card["method"]["params"]["base_loss"] == base_loss
     assert card["architecture"]["head"] == "dvml"
-    assert card["architecture"]["head_options"] == {"decoder_hidden_dim": 512}
+    assert card["architecture"]["head_options"] == {
+        "decoder_hidden_dim": 512,
+        "detach_variance_input": False,
+    }
 
     evaluated = runner.invoke(
         app,

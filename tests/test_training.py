@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import signal
@@ -18,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import training.config
 from tests.conftest import write_image_folder
 from training.cli import app
-from training.config import list_presets, resolve_config
+from training.config import list_presets, read_preset, resolve_config
 from training.methods import METHODS
 
 runner = CliRunner()
@@ -245,7 +247,8 @@ def test_distributed_training_with_two_cpu_processes(tiny_dataset, tmp_path):
 def test_every_shipped_preset_is_a_valid_config_for_its_method():
     """Presets are JSON a typo can break: each must validate, name a known method, and give that
     method only parameters its constructor takes."""
-    assert {"icons", "cjk", "diva-icons", "dvml-icons", "diva-cub200"} <= set(list_presets())
+    tuned = {"diva-icons", "dvml-icons", "diva-cjk", "dvml-cjk"}
+    assert {"icons", "cjk", "diva-cub200", *tuned} <= set(list_presets())
     for name in list_presets():
         config = resolve_config({"data": "unused"}, preset=name)
         method = METHODS[config.method]
@@ -263,12 +266,35 @@ def test_every_shipped_preset_is_a_valid_config_for_its_method():
 
 def test_every_benchmark_variant_names_a_method_and_parameters_it_takes():
     """benchmarks/baselines.py builds `lookalike train` commands from VARIANTS; a misspelt
-    `--param` would only fail minutes into a benchmark run."""
-    from benchmarks.baselines import VARIANTS
+    `--param` or a missing method preset would only fail minutes into a benchmark run."""
+    from benchmarks.baselines import VARIANTS, variant_options
 
-    for name, arguments in VARIANTS.items():
-        pairs = list(zip(arguments[::2], arguments[1::2], strict=True))  # (flag, value)
-        method = METHODS[dict(pairs)["--method"]]
-        params = {value.split("=")[0] for flag, value in pairs if flag == "--param"}
-        accepted = inspect.signature(method.__init__).parameters
-        assert params <= set(accepted), (name, params)
+    for name, dataset in itertools.product(VARIANTS, ("icons", "cjk")):
+        options = variant_options(name, dataset)
+        flags_and_values = list(zip(options[::2], options[1::2], strict=True))
+        pairs = dict(flags_and_values)
+        assert pairs["--preset"] in list_presets(), (name, dataset)
+        params = [value for flag, value in flags_and_values if flag == "--param"]
+        overrides = {
+            "data": "unused",
+            "method": pairs.get("--method"),
+            "method_params": dict(param.split("=") for param in params),
+        }
+        config = resolve_config(overrides, preset=pairs["--preset"])
+        accepted = inspect.signature(METHODS[config.method].__init__).parameters
+        assert set(config.method_params) <= set(accepted), (name, config.method_params)
+
+
+def test_a_variant_preset_merges_its_method_params_into_its_base(tmp_path, monkeypatch):
+    """`extends` overrides fields, but method parameters add up: a child that sets one
+    parameter keeps the others its base chose."""
+    base = {"epochs": 4, "method": "dvml", "method_params": {"base_loss": "margin", "rho": 1}}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    child = {"extends": "base", "epochs": 2, "method_params": {"rho": 0}}
+    (tmp_path / "child.json").write_text(json.dumps(child))
+    monkeypatch.setattr(training.config, "PRESET_DIR", tmp_path)
+    assert read_preset("child") == {
+        "epochs": 2,
+        "method": "dvml",
+        "method_params": {"base_loss": "margin", "rho": 0},
+    }

@@ -106,7 +106,14 @@ def read_preset(name: str) -> dict[str, Any]:
     preset = json.loads(path.read_text())
     preset.pop("_comment", None)
     base = preset.pop("extends", None)  # a variant of another preset: only what differs
-    return {**read_preset(base), **preset} if base else preset
+    if not base:
+        return preset
+    resolved = read_preset(base)
+    method_params = {**resolved.get("method_params", {}), **preset.pop("method_params", {})}
+    resolved.update(preset)
+    if method_params:
+        resolved["method_params"] = method_params
+    return resolved
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -38,6 +38,11 @@ class DVMLHead(nn.Module):
     [1024, 512] MLP is the same map). The decoder is ujjwaltiwari's Linear -> Tanh -> Linear
     (methods.md §2.1), chosen over GeDML's BN-MLP so that reconstructing the T x B synthesised
     rows of phase 2 does not depend on batch statistics.
+
+    `detach_variance_input` (not in the paper, off by default) feeds the variance encoder
+    h.detach(): the KL and the z_V sample then train only that encoder and cannot shrink the
+    backbone features, the cause of DVML's first-epoch collapse on IconThemes
+    (docs/results.md). Test-time outputs are the same either way.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class DVMLHead(nn.Module):
         embedding_dim: int,
         *,
         decoder_hidden_dim: int = 512,  # ujjwaltiwari: Linear(512, 512) -> Tanh (methods.md §2.1)
+        detach_variance_input: bool = False,
     ) -> None:
         super().__init__()
         self.invariant = nn.Linear(feature_dim, embedding_dim)
@@ -57,12 +63,14 @@ class DVMLHead(nn.Module):
             nn.Linear(decoder_hidden_dim, feature_dim),
         )
         self.embedding_dim = embedding_dim
+        self.detach_variance_input = detach_variance_input
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
+        variance_input = features.detach() if self.detach_variance_input else features
         return {
             "embedding": self.invariant(features),
-            "mean": self.mean(features),
-            "log_variance": self.log_variance(features),
+            "mean": self.mean(variance_input),
+            "log_variance": self.log_variance(variance_input),
         }
 
     def decode(self, latent: Tensor) -> Tensor:
@@ -153,10 +161,7 @@ class DVMLMethod(Method):
         phase1_fraction: float = 0.25,
         decoder_hidden_dim: int = 512,  # ujjwaltiwari's decoder (methods.md §2.1)
         detach_target: bool = False,  # both public codes (methods.md §2.6)
-        # Not in the paper (off by default): the variance encoder reads h.detach(), so the KL
-        # and the z_V sample train only that encoder and cannot shrink the backbone features,
-        # the cause of DVML's first-epoch collapse on IconThemes (docs/results.md).
-        detach_variance_input: bool = False,
+        detach_variance_input: bool = False,  # not in the paper; see DVMLHead
     ) -> None:
         base_loss_params = dict(base_loss_params or {})
         pairs = {
@@ -203,7 +208,10 @@ class DVMLMethod(Method):
         self.register_buffer("phase", torch.tensor(1))
 
     def head_options(self) -> dict[str, object]:
-        return {"decoder_hidden_dim": self.decoder_hidden_dim}
+        return {
+            "decoder_hidden_dim": self.decoder_hidden_dim,
+            "detach_variance_input": self.detach_variance_input,
+        }
 
     def phase_at(self, iteration: int, total_iterations: int) -> int:
         """The phase of the 0-based `iteration`: 1 for the first floor(fraction x total)."""
@@ -221,11 +229,7 @@ class DVMLMethod(Method):
         settings = self.phase_settings[phase]
         outputs = model(batch.images[0])
         invariant = outputs["embedding"].float()
-        mean, log_variance = outputs["mean"], outputs["log_variance"]
-        if self.detach_variance_input:
-            detached = outputs["features"].detach()
-            mean, log_variance = model.head.mean(detached), model.head.log_variance(detached)
-        mean, log_variance = mean.float(), log_variance.float()
+        mean, log_variance = outputs["mean"].float(), outputs["log_variance"].float()
         synthesised = invariant + sample_variation(mean, log_variance, settings.samples)
         decoder_input = synthesised.detach() if settings.detach_decoder_input else synthesised
         reconstructions = model.head.decode(decoder_input.flatten(0, 1)).float()
