@@ -144,14 +144,18 @@ def row(dataset: str, method: str, label: str, result: dict, pick: str | None = 
     return "| " + " | ".join(cells) + " |"
 
 
-def spread_row(dataset: str, method: str, results: list[dict]) -> str:
-    """Mean ± standard deviation of the best-by-validation test metrics over seeds."""
-    cells = [dataset, method, f"best-by-val, mean ± sd of {len(results)} seeds"]
-    for column in COLUMNS:
-        values = np.array([r["best"]["test"][column] for r in results])
-        cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+def spread_row(dataset: str, method: str, results: list[dict], pick: str) -> str:
+    """Mean ± sample standard deviation over seeds of one model's (`best` or `last`) metrics."""
+    label = "best-by-val" if pick == "best" else "last"
+    cells = [dataset, method, f"{label}, mean ± sd of {len(results)} seeds"]
+    for column in [*COLUMNS, "train recall@1"]:
+        split, metric = ("train", "recall@1") if column.startswith("train") else ("test", column)
+        values = np.array([(r[pick].get(split) or {}).get(metric, np.nan) for r in results])
+        cells.append(
+            "-" if np.isnan(values).any() else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        )
     speeds = [r["images_per_s"] for r in results if r.get("images_per_s")]
-    cells += ["-", f"{np.mean(speeds):.0f}" if speeds else "-", "-", "-"]
+    cells += [f"{np.mean(speeds):.0f}" if speeds else "-", "-", "-"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -210,7 +214,7 @@ def main() -> None:
                     label = f"{'best-by-val' if pick == 'best' else 'last'} (ep {epoch}, s{seed})"
                     lines.append(row(dataset, method, label, result, pick))
             if len(results) > 1:
-                lines.append(spread_row(dataset, method, results))
+                lines += [spread_row(dataset, method, results, pick) for pick in ("best", "last")]
             print("\n".join(lines), flush=True)
     print("\n".join(lines))
     sys.stdout.flush()

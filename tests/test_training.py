@@ -298,3 +298,22 @@ def test_a_variant_preset_merges_its_method_params_into_its_base(tmp_path, monke
         "method": "dvml",
         "method_params": {"base_loss": "margin", "rho": 0},
     }
+
+
+def test_the_benchmark_table_reports_mean_and_spread_over_seeds_for_both_models():
+    from benchmarks.baselines import COLUMNS, spread_row
+
+    def result(best_r1: float, last_r1: float, train_r1: float | None) -> dict:
+        best = {"test": dict.fromkeys(COLUMNS, best_r1)}
+        if train_r1 is not None:
+            best["train"] = {"recall@1": train_r1}
+        return {"best": best, "last": {"test": dict.fromkeys(COLUMNS, last_r1)}, "images_per_s": 10}
+
+    results = [result(0.4, 0.5, 0.6), result(0.2, 0.5, 0.8)]
+    best = spread_row("icons", "margin", results, "best").split(" | ")
+    assert best[2] == "best-by-val, mean ± sd of 2 seeds"
+    assert best[3] == "0.300 ± 0.141"  # recall@1: sample sd of (0.4, 0.2)
+    assert best[3 + len(COLUMNS)] == "0.700 ± 0.141"  # train recall@1
+    last = spread_row("icons", "margin", results, "last").split(" | ")
+    assert last[3] == "0.500 ± 0.000"
+    assert last[3 + len(COLUMNS)] == "-"  # no train metrics for the last model
