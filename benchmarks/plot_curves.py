@@ -43,12 +43,16 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no runs with metrics.jsonl under {args.runs} for {args.dataset}")
     figure, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for run in runs:
+    # tab20's ten strong hues, then their light shades: distinct beyond the default cycle's 10.
+    palette = plt.get_cmap("tab20").colors
+    colours = palette[0::2] + palette[1::2]
+    for index, run in enumerate(runs):
         method, _, seed = run.name.removeprefix(f"{args.dataset}-").rsplit("-", 2)
         label = method if len(args.seeds) == 1 else f"{method} {seed}"
         minutes, recall, epochs = load_curve(run)
-        by_time.plot(minutes, recall, marker=".", label=label)
-        by_epoch.plot(epochs, recall, marker=".", label=label)
+        style = {"marker": ".", "label": label, "color": colours[index % len(colours)]}
+        by_time.plot(minutes, recall, **style)
+        by_epoch.plot(epochs, recall, **style)
     by_time.set(xlabel="training time (min, wall clock incl. validation)", ylabel="val Recall@1")
     by_epoch.set(xlabel="epoch (same images for every method)")
     for axis in (by_time, by_epoch):
