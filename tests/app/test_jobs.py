@@ -419,7 +419,9 @@ def test_a_killed_prefork_child_fails_its_job_at_once(tmp_path):
     settings = make_settings(tmp_path, REDIS_URL, prefix).model_copy(
         update={"job_heartbeat_timeout_s": 300.0}
     )
-    write_image_folder(settings.dataset_root / "many", [f"k{i}" for i in range(40)], per_class=10)
+    # Enough images that the import is still running when the test kills the child (400 could
+    # finish between the progress poll and the kill on an idle machine).
+    write_image_folder(settings.dataset_root / "many", [f"k{i}" for i in range(150)], per_class=10)
     log = tmp_path / "worker.log"
     worker = Worker(settings, log, queues=("cpu",), pool=None)  # prefork
     try:
@@ -431,7 +433,7 @@ def test_a_killed_prefork_child_fails_its_job_at_once(tmp_path):
             ).json()
             job = submit(client, "import", {"gallery_id": gallery["id"], "folder": "many"})
             running = wait_for(client, job["id"], lambda j: j["state"] == "running" and j["step"])
-            assert running["total_steps"] == 400 and 0 < running["progress"] < 1
+            assert running["total_steps"] == 1500 and 0 < running["progress"] < 1
             children = subprocess.run(
                 ["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True
             ).stdout.split()
