@@ -18,6 +18,7 @@ import numpy as np
 
 COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r"]
 IMAGE_SIZE = 112  # the CPU presets' resolution
+PICK_LABELS = {"best": "best-by-val", "last": "last"}  # the two models each run reports
 
 # One fair protocol (issue 3): the dataset preset fixes backbone, resolution, augmentation,
 # optimiser, batch size (64) and epochs for every method; only the method differs. A variant
@@ -146,10 +147,8 @@ def row(dataset: str, method: str, label: str, result: dict, pick: str | None = 
 
 def spread_row(dataset: str, method: str, results: list[dict], pick: str) -> str:
     """Mean ± sample standard deviation over seeds of one model's (`best` or `last`) metrics."""
-    label = "best-by-val" if pick == "best" else "last"
-    cells = [dataset, method, f"{label}, mean ± sd of {len(results)} seeds"]
-    for column in [*COLUMNS, "train recall@1"]:
-        split, metric = ("train", "recall@1") if column.startswith("train") else ("test", column)
+    cells = [dataset, method, f"{PICK_LABELS[pick]}, mean ± sd of {len(results)} seeds"]
+    for split, metric in [*(("test", column) for column in COLUMNS), ("train", "recall@1")]:
         values = np.array([(r[pick].get(split) or {}).get(metric, np.nan) for r in results])
         cells.append(
             "-" if np.isnan(values).any() else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
@@ -211,7 +210,7 @@ def main() -> None:
             for seed, result in zip(args.seeds, results, strict=True):
                 for pick in ("best", "last"):
                     epoch = result[pick].get("epoch")
-                    label = f"{'best-by-val' if pick == 'best' else 'last'} (ep {epoch}, s{seed})"
+                    label = f"{PICK_LABELS[pick]} (ep {epoch}, s{seed})"
                     lines.append(row(dataset, method, label, result, pick))
             if len(results) > 1:
                 lines += [spread_row(dataset, method, results, pick) for pick in ("best", "last")]
