@@ -17,7 +17,13 @@ from training.checkpoint import load_embedder
 from training.cli import app
 from training.evaluation.cluster_classifier import ClusterClassifier
 from training.losses.magnet import MagnetLoss
-from training.methods.magnet import ClusterIndex, MagnetBatchSampler, MagnetMethod
+from training.methods.magnet import (
+    ClusterIndex,
+    MagnetBatchSampler,
+    MagnetMethod,
+    _fill_small_clusters,
+    _kmeans_plus_plus,
+)
 
 # Two classes x one cluster x two examples in 2-D: cluster means (1, 0) and (1, 1), every
 # squared distance to the own mean is 1, so s^2 = 4 / (4 - 1) = 4/3, and every squared distance
@@ -108,6 +114,23 @@ def test_detaching_the_variance_changes_gradients_not_values() -> None:
     assert not torch.allclose(gradients[0], gradients[1])
 
 
+def test_denominator_is_every_batch_cluster_of_another_class_and_no_same_class_one() -> None:
+    # 1-D, three clusters x two examples (paper eq. 5): A = {0, 2} (class 0, mean 1),
+    # B = {1.5, 2.5} (class 0, mean 2), C = {2, 4} (class 1, mean 3). Own squared distances
+    # 1, 1, 1/4, 1/4, 1, 1: s^2 = 4.5 / (6 - 1) = 0.9, 2 s^2 = 1.8.
+    # - 2 in A: own 1, C 1; B (0 away) is its own class and stays out: alpha + 0 = 1.
+    #   Were B counted, the loss would be 1 + 1/1.8 + log(e^(-1/1.8) + 1) = 2.01.
+    # - 2.5 in B: own 1/4, C 1/4: 1. 0 in A and 1.5 in B: below zero, 0.
+    # - 2 in C: own 1, and both A (1 away) and B (0 away) in the denominator.
+    # - 4 in C: 1 + 1/1.8 + log(e^(-9/1.8) + e^(-4/1.8)) < 0, so 0.
+    embeddings = torch.tensor([[0.0], [2.0], [1.5], [2.5], [2.0], [4.0]], dtype=torch.float64)
+    clusters, labels = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 0, 0, 0, 1, 1])
+    losses, variance = MagnetLoss(alpha=1.0).per_example(embeddings, clusters, labels)
+    assert variance.item() == pytest.approx(0.9)
+    both = 1 + 1 / 1.8 + math.log(math.exp(-1 / 1.8) + 1)
+    torch.testing.assert_close(losses, torch.tensor([0, 1, 0, 1, both, 0], dtype=torch.float64))
+
+
 def test_a_cluster_spanning_two_classes_is_an_error() -> None:
     with pytest.raises(ValueError, match="more than one class"):
         MagnetLoss()(PAIRS, torch.tensor([0, 0, 0, 1]), PAIR_LABELS)
@@ -145,6 +168,81 @@ def test_refit_is_warm_started_from_the_current_centroids() -> None:
     index.centroids.copy_(index.centroids.flip(0))
     index.fit(points, labels, iterations=20, seed=0)
     assert index.assignments.tolist() == (1 - cold).tolist()
+
+
+def test_refit_without_warm_start_reseeds_with_kmeans_plus_plus() -> None:
+    points = np.array([[0, 0], [0, 0.2], [5, 5], [5, 5.2]], dtype=np.float32)
+    labels = np.array([0, 0, 0, 0])
+    index = ClusterIndex(labels.tolist(), num_classes=1, clusters_per_class=2, dim=2)
+    index.fit(points, labels, iterations=20, seed=0, warm_start=False)
+    cold = index.assignments.clone()
+    index.centroids.copy_(index.centroids.flip(0))  # ignored: k-means++ seeds again
+    index.fit(points, labels, iterations=20, seed=0, warm_start=False)
+    assert index.assignments.tolist() == cold.tolist()
+
+
+@pytest.mark.parametrize(
+    ("min_cluster_size", "expected"),
+    [
+        # Classes of 14, 10, 3 and 21 images, K = 8, D = 4: K_c = clamp(n_c // 4, 1, 8).
+        (4, [3, 2, 1, 5]),
+        # The former rule K_c = min(K, n_c): IconThemes-sized classes get 8 clusters each.
+        (1, [8, 8, 3, 8]),
+    ],
+)
+def test_clusters_per_class_leave_room_for_d_examples(min_cluster_size, expected) -> None:
+    labels = [0] * 14 + [1] * 10 + [2] * 3 + [3] * 21
+    index = ClusterIndex(
+        labels, num_classes=5, clusters_per_class=8, dim=2, min_cluster_size=min_cluster_size
+    )  # class 4 has no example and no cluster
+    assert torch.bincount(index.cluster_labels, minlength=5).tolist() == [*expected, 0]
+
+
+def test_small_clusters_take_the_nearest_examples_of_larger_ones() -> None:
+    # k-means left the outlier 100 alone; with a minimum of 3 it takes 5 (nearest to 100),
+    # then 4 (nearest to the new mean 52.5), and cluster 0 keeps four.
+    points = np.array([0, 1, 2, 3, 4, 5, 100], dtype=np.float64)[:, None]
+    centres = np.array([[2.5], [100.0]])
+    moved = _fill_small_clusters(points, np.array([0, 0, 0, 0, 0, 0, 1]), centres, 3)
+    assert moved.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    # An empty cluster grows from its k-means centre; with too few examples to fill every
+    # cluster, it stops when no cluster has any to spare.
+    empty = _fill_small_clusters(points[:4], np.array([0, 0, 0, 0]), np.array([[0], [9]]), 2)
+    assert empty.tolist() == [0, 0, 1, 1]
+    short = _fill_small_clusters(points[:3], np.array([0, 0, 1]), centres, 2)
+    assert sorted(np.bincount(short).tolist()) == [1, 2]
+
+
+def test_fit_gives_every_cluster_at_least_min_cluster_size_members() -> None:
+    # Class 0: seven points near the origin and one outlier; K_0 = 8 // 4 = 2, and 2-means
+    # would isolate the outlier. Class 1: five points, K_1 = 1.
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (7, 2)), [[9.0, 9.0]], rng.normal(3, 0.1, (5, 2))])
+    labels = np.array([0] * 8 + [1] * 5)
+    for min_cluster_size, smallest in ((4, 4), (1, 1)):
+        index = ClusterIndex(
+            labels.tolist(), num_classes=2, clusters_per_class=8, dim=2,
+            min_cluster_size=min_cluster_size,
+        )  # fmt: skip
+        index.fit(points.astype(np.float32), labels, iterations=20, seed=0)
+        sizes = np.bincount(index.assignments.numpy(), minlength=index.num_clusters)
+        assert sizes[index.cluster_labels.numpy() == 0].min() == smallest
+        for cluster in range(index.num_clusters):
+            members = points[index.assignments.numpy() == cluster]
+            np.testing.assert_allclose(index.centroids[cluster], members.mean(0), atol=1e-5)
+
+
+def test_kmeans_plus_plus_never_seeds_two_centres_on_one_point() -> None:
+    # The second seed is drawn in proportion to the squared distance to the first: a copy of
+    # the first point has probability 0, so the seeds are always {0, 10}.
+    points = np.array([[0.0], [0.0], [10.0]], dtype=np.float32)
+    for seed in range(20):
+        seeds = _kmeans_plus_plus(points, 2, np.random.default_rng(seed))
+        assert sorted(seeds[:, 0].tolist()) == [0.0, 10.0]
+    rng = np.random.default_rng(1)
+    np.testing.assert_array_equal(
+        _kmeans_plus_plus(points, 2, np.random.default_rng(1)), _kmeans_plus_plus(points, 2, rng)
+    )
 
 
 def test_loss_cache_counts_measured_zeros_and_weights_clusters_by_mean_loss() -> None:
@@ -215,6 +313,25 @@ def test_sampler_is_deterministic_per_seed_and_epoch_and_resumes_mid_epoch() -> 
     assert epoch_batches(1, start_batch=4) == epoch_batches(1)[4:]
 
 
+def test_filled_clusters_are_sampled_without_replacement() -> None:
+    # IconThemes-like: 6 classes of 10-15 images, K = 8, D = 4: every cluster holds >= 4
+    # images, so each batch draws 4 distinct images of each of its clusters.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), [10, 11, 12, 13, 14, 15])
+    index = ClusterIndex(
+        labels.tolist(), num_classes=6, clusters_per_class=8, dim=8, min_cluster_size=4
+    )
+    index.fit(rng.normal(size=(len(labels), 8)).astype(np.float32), labels, iterations=20, seed=0)
+    index.update_seed_weights()
+    sampler = MagnetBatchSampler(
+        index, clusters_per_batch=4, examples_per_cluster=4, num_batches=50, seed=0
+    )
+    for batch in sampler:
+        clusters = index.assignments[batch].view(4, 4)
+        assert (clusters == clusters[:, :1]).all() and len(set(clusters[:, 0].tolist())) == 4
+        assert len(set(batch)) == 16
+
+
 def _line_index() -> ClusterIndex:
     """Two classes x two clusters of two examples, centroids at 0, 1, 2, 3 on a line."""
     index = ClusterIndex([0, 0, 0, 0, 1, 1, 1, 1], num_classes=2, clusters_per_class=2, dim=1)
@@ -270,16 +387,24 @@ def test_training_step_caches_each_example_loss_and_the_running_variance() -> No
     batch = SimpleNamespace(images=[far], labels=torch.tensor([0, 0, 1, 1]), indices=indices)
     loss, logs = method.training_step(_embeddings_as_images, batch)
     assert loss.item() == 0.0 and logs["variance"].item() == pytest.approx(2 / 3)
+    assert logs["active"].item() == 0.0
     assert method.index.loss_measured.tolist() == [False, True, True, False] * 2
     assert method.running_variance.item() == pytest.approx(2 / 3)  # the first value as is
     # Step 2: class 1 moves to (.8, .6), (.6, .8): s^2 = 1.04 / 3, and every loss is
     # 1 + (0.5 - 0.58) / (2 s^2) = 1 + (0.02 - 0.1) / (2 s^2) = 1 - 3/26.
     near = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8]])
     batch.images = [near * 2]
-    loss, _ = method.training_step(_embeddings_as_images, batch)
-    assert loss.item() == pytest.approx(23 / 26)
+    loss, logs = method.training_step(_embeddings_as_images, batch)
+    assert loss.item() == pytest.approx(23 / 26) and logs["active"].item() == 1.0
     assert method.index.example_losses.tolist() == pytest.approx([0, *[23 / 26] * 2, 0] * 2)
     assert method.running_variance.item() == pytest.approx((2 / 3 + 1.04 / 3) / 2)
+
+
+@pytest.mark.parametrize(("params", "clusters"), [({}, 3 * 3), ({"min_cluster_size": 1}, 3 * 8)])
+def test_method_sizes_clusters_for_d_examples_by_default(params, clusters) -> None:
+    method = MagnetMethod(num_classes=3, embedding_dim=2, clusters_per_batch=2, **params)
+    method.setup(_fake_trainer([c for c in range(3) for _ in range(14)]))
+    assert method.cluster_index.num_clusters == clusters  # 14 // 4 = 3 or min(8, 14) = 8
 
 
 def test_method_state_restores_the_cluster_index() -> None:

@@ -1,10 +1,11 @@
 """Magnet loss training (Rippel et al., ICLR 2016): methods.md §3.
 
-Each class of the training set is split into K clusters by k-means on the current embeddings;
-batches are neighbourhoods of clusters (a seed cluster, chosen by its recent loss, plus the
-nearest clusters of other classes) and the Magnet loss pushes every example towards its own
-cluster's mean and away from the impostor clusters' means. The cluster index is rebuilt every
-`refresh_every_epochs` epochs from embeddings of the whole training set.
+Each class of the training set is split into up to K clusters (of at least D examples each, see
+`ClusterIndex`) by k-means on the current embeddings; batches are neighbourhoods of clusters (a
+seed cluster, chosen by its recent loss, plus the nearest clusters of other classes, D examples
+of each) and the Magnet loss pushes every example towards its own cluster's mean and away from
+the impostor clusters' means. The cluster index is rebuilt every `refresh_every_epochs` epochs
+from embeddings of the whole training set (eval mode, test transform: no augmentation).
 
 Embeddings are L2-normalised before the loss, although the paper defines Magnet on raw
 representations: the loss is invariant to a global scale anyway (`MagnetLoss`), and on the unit
@@ -43,24 +44,42 @@ log = logging.getLogger(__name__)
 class ClusterIndex(nn.Module):
     """Per-class k-means clusters of the training set, and the per-example loss cache.
 
-    Class c gets K_c = min(K, n_c) clusters (our rule for classes smaller than K, so k-means
-    always has a point per centroid; methods.md §3.4 notes SOP's ~5 images per class), with
-    ids first_c .. first_c + K_c - 1 in class order; warm-started refreshes keep each id on
-    its cluster.
+    Class c of n_c examples gets K_c = clamp(n_c // min_cluster_size, 1, K) clusters, ids
+    first_c .. first_c + K_c - 1 in class order. The paper's neighbourhood sampling draws D
+    examples uniformly from each cluster (Rippel et al. 2016, Sec. 3, training procedure),
+    which needs clusters of at least D members: with min_cluster_size = D a class is never
+    split into more clusters than it can fill, and `fit` moves examples into any cluster that
+    k-means left smaller than that (a class smaller than min_cluster_size keeps one cluster of
+    all it has). min_cluster_size = 1 is the former rule K_c = min(K, n_c), under which
+    IconThemes' ~14 images per class made K = 8 clusters of one or two images, each drawn D
+    times over.
     Everything is a buffer, so `Method.state_dict()` saves and a resumed run restores it.
     `seed_weights` is the seed-cluster distribution for the current epoch (`update_seed_weights`).
     """
 
     def __init__(
-        self, labels: Sequence[int], *, num_classes: int, clusters_per_class: int, dim: int
+        self,
+        labels: Sequence[int],
+        *,
+        num_classes: int,
+        clusters_per_class: int,
+        dim: int,
+        min_cluster_size: int = 1,
     ) -> None:
         super().__init__()
+        if clusters_per_class < 1 or min_cluster_size < 1:
+            raise ValueError("clusters_per_class and min_cluster_size must be at least 1")
         class_sizes = torch.bincount(
             torch.as_tensor(labels, dtype=torch.long), minlength=num_classes
         )
-        clusters_of_class = class_sizes.clamp(max=clusters_per_class)
+        clusters_of_class = torch.where(
+            class_sizes > 0,
+            (class_sizes // min_cluster_size).clamp(min=1, max=clusters_per_class),
+            0,
+        )
         num_clusters = int(clusters_of_class.sum())
         self.num_classes = num_classes
+        self.min_cluster_size = min_cluster_size
         self.register_buffer(
             "cluster_labels", torch.repeat_interleave(torch.arange(num_classes), clusters_of_class)
         )
@@ -78,15 +97,27 @@ class ClusterIndex(nn.Module):
         return len(self.cluster_labels)
 
     def fit(
-        self, embeddings: np.ndarray, labels: np.ndarray, *, iterations: int, seed: int
+        self,
+        embeddings: np.ndarray,
+        labels: np.ndarray,
+        *,
+        iterations: int,
+        seed: int,
+        warm_start: bool = True,
     ) -> None:
-        """Cluster each class with faiss k-means (its default random init; warm-started from the
-        current centroids once fitted, as mbanani does, §3.2) and assign every example."""
+        """Cluster each class with k-means and assign every example (the paper's index, Sec. 3).
+
+        k-means starts from k-means++ seeds (the paper's and tf-magnet-loss's initialisation;
+        faiss's own is uniformly drawn points), or, once fitted and with `warm_start`, from the
+        current centroids, as mbanani does. Then clusters under `min_cluster_size` take
+        examples from the class's other clusters (`_fill_small_clusters`) and every centroid
+        is set to its members' mean.
+        """
         if len(embeddings) != len(self.assignments):
             raise ValueError(f"expected {len(self.assignments)} embeddings, got {len(embeddings)}")
         points = np.ascontiguousarray(embeddings, dtype=np.float32)
         cluster_labels = self.cluster_labels.cpu().numpy()
-        previous = self.centroids.cpu().numpy() if bool(self.fitted) else None
+        previous = self.centroids.cpu().numpy() if warm_start and bool(self.fitted) else None
         centroids = np.zeros((self.num_clusters, points.shape[1]), dtype=np.float32)
         assignments = np.full(len(points), -1, dtype=np.int64)
         class_members = _group(np.asarray(labels), self.num_classes)
@@ -100,19 +131,32 @@ class ClusterIndex(nn.Module):
                 )
             if len(members) == 0:
                 continue
+            class_points = points[members]
+            k = int(end - first)
+            if previous is None:
+                init = _kmeans_plus_plus(class_points, k, np.random.default_rng([seed, label]))
+            else:
+                init = previous[first:end]
             kmeans = faiss.Kmeans(
                 points.shape[1],
-                int(end - first),
+                k,
                 niter=iterations,
                 seed=seed,
                 min_points_per_centroid=1,  # silences faiss's warning for small classes
             )
-            kmeans.train(
-                points[members], init_centroids=None if previous is None else previous[first:end]
+            kmeans.train(class_points, init_centroids=init)
+            _, nearest = kmeans.index.search(class_points, 1)
+            local = _fill_small_clusters(
+                class_points, nearest[:, 0].astype(np.int64), kmeans.centroids,
+                self.min_cluster_size,
+            )  # fmt: skip
+            sizes = np.bincount(local, minlength=k)
+            sums = np.zeros((k, points.shape[1]), dtype=np.float64)
+            np.add.at(sums, local, class_points)
+            centroids[first:end] = np.where(
+                sizes[:, None] > 0, sums / np.maximum(sizes, 1)[:, None], kmeans.centroids
             )
-            _, nearest = kmeans.index.search(points[members], 1)
-            centroids[first:end] = kmeans.centroids
-            assignments[members] = first + nearest[:, 0]
+            assignments[members] = first + local
         self.centroids.copy_(torch.from_numpy(centroids))
         self.assignments.copy_(torch.from_numpy(assignments))
         self.fitted.fill_(True)
@@ -188,9 +232,11 @@ class MagnetBatchSampler(Sampler[list[int]]):
     `seed_weights`, its M - 1 nearest clusters of other classes, D examples of each.
 
     Batches list the seed cluster's D examples first, then the impostors' by distance. D
-    examples are drawn without replacement, or with replacement from a cluster smaller than D
-    (our choice among the fallbacks of tf-magnet-loss#5; mbanani drops such clusters, which
-    would leave SOP-sized classes unsampled). Each batch uses a generator seeded by
+    examples are drawn uniformly without replacement, as in the paper (Sec. 3); with the
+    method's default min_cluster_size = D only a class of fewer than D images has a smaller
+    cluster, and it is drawn with replacement (our choice among the fallbacks of
+    tf-magnet-loss#5; mbanani drops such clusters, which would leave SOP-sized classes
+    unsampled). Each batch uses a generator seeded by
     (seed, epoch, batch) and the index as it is when iteration starts, so a resumed run (which
     restores the index) replays an epoch exactly, with or without DataLoader workers.
     """
@@ -264,11 +310,17 @@ class MagnetMethod(Method):
         embedding_dim: int,
         clusters_per_batch: int = 8,  # M: tf, vithursant and mbanani (methods.md §3.2)
         examples_per_cluster: int = 4,  # D: mbanani (§3.2); tf/vithursant use 8 on MNIST
-        clusters_per_class: int = 8,  # K: tf, vithursant and mbanani (§3.2)
+        clusters_per_class: int = 8,  # K (the most per class): tf, vithursant, mbanani (§3.2)
+        # Fewest members per cluster (None: examples_per_cluster, so D can be drawn without
+        # replacement, as the paper's sampling assumes); 1 = the former K_c = min(K, n_c).
+        min_cluster_size: int | None = None,
         alpha: float = 1.0,  # tf and vithursant (§3.1); the paper's value is UNVERIFIED
         detach_variance: bool = True,  # our choice for stability (§3.4)
         refresh_every_epochs: int = 1,  # vithursant and mbanani (§3.2 item 3)
         kmeans_iterations: int = 20,  # "k-means++, ~20 iterations" (§3.2 item 2)
+        # Refreshes start k-means from the current centroids (mbanani); False: from fresh
+        # k-means++ seeds every time (tf-magnet-loss). The paper (Sec. 3) does not say.
+        kmeans_warm_start: bool = True,
         # The classifier's "running average" of the batch variance (§3.3): our exponential
         # average; mbanani averages the last epoch's batches.
         variance_momentum: float = 0.9,
@@ -284,6 +336,8 @@ class MagnetMethod(Method):
             raise ValueError(
                 "clusters_per_class, refresh_every_epochs and kmeans_iterations must be >= 1"
             )
+        if min_cluster_size is not None and min_cluster_size < 1:
+            raise ValueError(f"min_cluster_size must be at least 1, got {min_cluster_size}")
         if not 0.0 <= variance_momentum < 1.0:
             raise ValueError(f"variance_momentum must lie in [0, 1), got {variance_momentum}")
         super().__init__(
@@ -292,15 +346,21 @@ class MagnetMethod(Method):
             clusters_per_batch=clusters_per_batch,
             examples_per_cluster=examples_per_cluster,
             clusters_per_class=clusters_per_class,
+            min_cluster_size=min_cluster_size,
             alpha=alpha,
             detach_variance=detach_variance,
             refresh_every_epochs=refresh_every_epochs,
             kmeans_iterations=kmeans_iterations,
+            kmeans_warm_start=kmeans_warm_start,
             variance_momentum=variance_momentum,
         )
         self.clusters_per_batch = clusters_per_batch
         self.examples_per_cluster = examples_per_cluster
         self.clusters_per_class = clusters_per_class
+        self.min_cluster_size = (
+            examples_per_cluster if min_cluster_size is None else min_cluster_size
+        )
+        self.kmeans_warm_start = kmeans_warm_start
         self.refresh_every_epochs = refresh_every_epochs
         self.kmeans_iterations = kmeans_iterations
         self.variance_momentum = variance_momentum
@@ -332,6 +392,7 @@ class MagnetMethod(Method):
             num_classes=train.num_classes,
             clusters_per_class=self.clusters_per_class,
             dim=trainer.model.embedding_dim,
+            min_cluster_size=self.min_cluster_size,
         )
         clusters_of_class = torch.bincount(self.index.cluster_labels)
         fewest_impostors = self.index.num_clusters - int(clusters_of_class.max())
@@ -360,7 +421,13 @@ class MagnetMethod(Method):
             device=trainer.device,
             channels_last=cfg.channels_last,
         )
-        self.cluster_index.fit(embeddings, labels, iterations=self.kmeans_iterations, seed=cfg.seed)
+        self.cluster_index.fit(
+            embeddings,
+            labels,
+            iterations=self.kmeans_iterations,
+            seed=cfg.seed,
+            warm_start=self.kmeans_warm_start,
+        )
         log.info(
             "magnet: %d clusters refreshed in %.1fs",
             self.cluster_index.num_clusters,
@@ -382,7 +449,10 @@ class MagnetMethod(Method):
         losses, variance = self.criterion.per_example(embeddings, clusters, batch.labels)
         self.cluster_index.record_losses(batch.indices, losses)
         self._update_running_variance(variance.detach())
-        return losses.mean(), {"variance": variance.detach()}
+        # `active`: the share of examples inside the hinge, i.e. with a gradient; near 0 means
+        # the batches are too easy (e.g. clusters drawn from one or two images).
+        active = (losses.detach() > 0).float().mean()
+        return losses.mean(), {"variance": variance.detach(), "active": active}
 
     def _update_running_variance(self, variance: Tensor) -> None:
         average = torch.lerp(variance, self.running_variance, self.variance_momentum)
@@ -417,3 +487,50 @@ def _group(ids: np.ndarray, count: int) -> list[np.ndarray]:
     order = np.argsort(ids, kind="stable")
     bounds = np.searchsorted(ids[order], np.arange(count + 1))
     return [order[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def _kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeds (Arthur & Vassilvitskii 2007): the first centre uniformly, each next one
+    with probability proportional to the squared distance to the nearest centre so far."""
+    first = int(rng.integers(len(points)))
+    seeds = [first]
+    nearest = np.square(points - points[first]).sum(axis=1).astype(np.float64)
+    for _ in range(1, k):
+        total = nearest.sum()
+        chosen = (
+            int(rng.choice(len(points), p=nearest / total))
+            if total > 0
+            else int(rng.integers(len(points)))
+        )
+        seeds.append(chosen)
+        nearest = np.minimum(nearest, np.square(points - points[chosen]).sum(axis=1))
+    return np.ascontiguousarray(points[seeds], dtype=np.float32)
+
+
+def _fill_small_clusters(
+    points: np.ndarray, assignment: np.ndarray, centres: np.ndarray, min_size: int
+) -> np.ndarray:
+    """Move examples so every cluster holds at least `min_size` (when the class has
+    len(centres) * min_size examples; else as many as it can).
+
+    While some cluster is short, the smallest one (lowest id on ties) takes, from the clusters
+    above `min_size`, the example nearest its current mean (its k-means centre if empty).
+    Every move lowers the total shortfall by one, so at most len(centres) * min_size moves are
+    made; deterministic. Returns the new local assignment.
+    """
+    assignment = assignment.copy()
+    sizes = np.bincount(assignment, minlength=len(centres))
+    while (sizes < min_size).any():
+        donors = sizes[assignment] > min_size
+        if not donors.any():
+            break  # fewer than k * min_size examples: nothing more to move
+        short = int(np.argmin(sizes))
+        own = assignment == short
+        centre = points[own].mean(axis=0) if own.any() else centres[short]
+        candidates = np.flatnonzero(donors)
+        distances = np.square(points[candidates] - centre).sum(axis=1)
+        moved = candidates[int(np.argmin(distances))]
+        sizes[assignment[moved]] -= 1
+        sizes[short] += 1
+        assignment[moved] = short
+    return assignment
