@@ -244,16 +244,25 @@ def demo(
         Path, typer.Option(help="where the IconThemes benchmark is (built there if missing)")
     ] = Path("data/icons"),
     train_minutes: Annotated[
-        float, typer.Option(min=0.1, help="CPU budget of the demo's training job")
-    ] = 3.0,
-    method: Annotated[str, typer.Option(help="training method of the demo's job")] = "diva",
+        float,
+        typer.Option(min=0.1, help="time budget of the demo's training job (validation included)"),
+    ] = 4.0,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="training method of the demo's job (margin, triplet, contrastive, npair, "
+            "diva, dvml, magnet); default: the best measured on IconThemes, DVML+margin "
+            "(preset dvml-icons)"
+        ),
+    ] = None,
     train: Annotated[bool, typer.Option(help="train and re-index (else search only)")] = True,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
 ) -> None:
     """The whole product on this machine: IconThemes, the API with its workers on
-    http://127.0.0.1:8000, a gallery of the test split, a DiVA job on the train split and the
-    gallery re-indexed with its model. A second run reuses all of it. Ctrl-C stops."""
+    http://127.0.0.1:8000, a gallery of the test split, a training job on the train split,
+    the trained and the built-in model compared on the test split, and the gallery re-indexed
+    with the trained model if it is better. A second run reuses all of it. Ctrl-C stops."""
     from app.demo import demo_command
 
     demo_command(get_settings(), data, host, port, method, train_minutes, train)

@@ -6,8 +6,10 @@
    the built-in pretrained model.
 3. Over the REST API, as any client would: register the benchmark as a dataset, create the
    gallery `icons-test` and fill it with the test split (an import job), answer a search.
-4. Train DiVA on the train split (a job on the gpu queue, a few CPU minutes), then re-index the
-   gallery with the trained model (an index job) and search again.
+4. Train the best method measured on IconThemes (DVML+margin, preset dvml-icons; docs/results.md)
+   on the train split (a job on the gpu queue, a few CPU minutes). The job measures the trained
+   and the built-in model on the same test split (classes never seen in training); the demo
+   prints both and re-indexes the gallery (an index job) only if the trained model is better.
 5. Serve until Ctrl-C.
 
 Everything is found again by name on the next run (dataset, gallery, trained model), so a second
@@ -17,6 +19,7 @@ run only starts the server. All state lives in Settings.data_dir (default ./var)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import mimetypes
@@ -28,6 +31,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import typer
 
@@ -138,9 +142,11 @@ def progress_line(job: dict[str, Any]) -> str:
         if job.get("step") is not None and job.get("total_steps"):
             words.append(f"step {job['step']}/{job['total_steps']}")
         metrics = job.get("metrics") or {}
+        if isinstance(metrics.get("phase"), str):
+            words.append(metrics["phase"])
         shown = [f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)][:3]
         words += shown
-        if job.get("eta") and job["type"] != "train":  # a train job ends at its time budget
+        if job.get("eta"):
             words.append(f"eta {job['eta'][11:19]} UTC")
     return ", ".join(words)
 
@@ -166,8 +172,8 @@ def run_demo(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    method: str = "diva",
-    train_minutes: float = 3.0,
+    method: str | None = None,
+    train_minutes: float = 4.0,
     train: bool = True,
 ) -> None:
     from app.cli import serve_processes
@@ -239,7 +245,9 @@ def banner(url: str, api_key: str | None, client: Client) -> None:
 
 
 def fill_gallery(client: Client, settings: Settings, relative: Path) -> tuple[dict, Path]:
-    """The dataset and the gallery of the test split (created and imported on the first run)."""
+    """The dataset and the gallery of the test split (created and imported on the first run),
+    less one held-out image: the example query, so its first hit is a real neighbour, not
+    the query itself."""
     typer.echo(f"[3/5] gallery {GALLERY!r}: the benchmark's test split")
     dataset = by_name(client.get("/api/v1/datasets"), DATASET)
     if dataset is None:
@@ -260,12 +268,32 @@ def fill_gallery(client: Client, settings: Settings, relative: Path) -> tuple[di
             },
         )
         client.wait_job(job, f"importing {expected} images (job {job['id']})")
-        gallery = client.get(f"/api/v1/galleries/{gallery['id']}")
-    count, model = gallery["image_count"], gallery["model_id"]
-    typer.echo(f"  {count} images (identical files stored once), model {model}")
     test = settings.dataset_root.expanduser().absolute() / relative / "test"  # type: ignore[union-attr]
-    query = sorted(sorted(test.iterdir())[0].iterdir())[0]
+    query = held_out_query(test)
+    hold_out(client, gallery["id"], query)
+    gallery = client.get(f"/api/v1/galleries/{gallery['id']}")
+    count, model = gallery["image_count"], gallery["model_id"]
+    typer.echo(
+        f"  {count} images (identical files stored once; {query.parent.name}/{query.name} held "
+        f"out as the example query), model {model}"
+    )
     return gallery, query
+
+
+def held_out_query(test: Path) -> Path:
+    """The example query: the first image of the first test class (a class the demo's model
+    never trained on)."""
+    return sorted(sorted(path for path in test.iterdir() if path.is_dir())[0].iterdir())[0]
+
+
+def hold_out(client: Client, gallery_id: int, query: Path) -> None:
+    """Delete the query's image from the gallery, if it is there (found by content hash)."""
+    digest = hashlib.sha256(query.read_bytes()).hexdigest()
+    label = query.parent.name
+    page = client.get(f"/api/v1/galleries/{gallery_id}/images?label={quote(label)}&limit=1000")
+    for image in page["items"]:
+        if image["content_hash"] == digest:
+            client.request("DELETE", f"/api/v1/images/{image['id']}")
 
 
 def example_curl(url: str, gallery_id: int, query: Path) -> None:
@@ -274,39 +302,90 @@ def example_curl(url: str, gallery_id: int, query: Path) -> None:
 
 
 def train_and_reindex(
-    client: Client, gallery: dict, query: Path, method: str, minutes: float
+    client: Client, gallery: dict, query: Path, method: str | None, minutes: float
 ) -> None:
-    name = f"icons-{method}-demo"
+    """Train (or find the model of an earlier run), compare it with the built-in model on the
+    test split, and re-index the gallery with it only if it is better."""
+    preset = demo_preset(method)
+    name = f"icons-{preset}-demo"
     model = by_name(client.get("/api/v1/models"), name)
     if model is None:
-        typer.echo(f"[4/5] training {method} on the train split ({minutes:g} CPU minutes)")
+        typer.echo(
+            f"[4/5] training preset {preset} on the train split ({minutes:g} minutes, "
+            "validation included; then the test split is measured)"
+        )
         dataset = by_name(client.get("/api/v1/datasets"), DATASET)
         assert dataset is not None
-        job = client.post(
-            "/api/v1/jobs",
-            {
-                "type": "train",
-                "params": {
-                    "dataset_id": dataset["id"],
-                    "method": method,
-                    "preset": "icons",
-                    "model_name": name,
-                    "hyperparameters": {"time_budget_min": minutes},
-                },
-            },
-        )
+        params: dict[str, Any] = {
+            "dataset_id": dataset["id"],
+            "preset": preset,
+            "model_name": name,
+            "hyperparameters": {"time_budget_min": minutes},
+        }
+        if method is not None:
+            params["method"] = method
+        job = client.post("/api/v1/jobs", {"type": "train", "params": params})
         typer.echo(f"  job {job['id']}: GET /api/v1/jobs/{job['id']} (and .../logs)")
         job = client.wait_job(job, f"training (job {job['id']})", every=5.0, report_s=30.0)
-        model = client.get(f"/api/v1/models/{job['result']['model_id']}")
     else:
         typer.echo(f"[4/5] trained model {name!r} exists (model {model['id']})")
-    if gallery["model_id"] != model["id"]:
+        job = train_job_of(client, model["id"])
+    result = job["result"]
+    better = show_comparison(result)
+    model_id = result["model_id"]
+    if not better:
+        typer.echo("  the gallery keeps its model: the trained one is not better")
+    elif gallery["model_id"] != model_id:
+        typer.echo(f"  the trained model is better: re-indexing the gallery with {name}")
         job = client.post(
             "/api/v1/jobs",
-            {"type": "index", "params": {"gallery_id": gallery["id"], "model_id": model["id"]}},
+            {"type": "index", "params": {"gallery_id": gallery["id"], "model_id": model_id}},
         )
         client.wait_job(job, f"re-indexing with {name} (job {job['id']})")
         show_hits(client, gallery["id"], query, name)
+    else:
+        typer.echo(f"  the gallery already uses the trained model {name}")
+
+
+def demo_preset(method: str | None) -> str:
+    """The training preset: the one recommended for IconThemes (the best method measured on
+    it), or for a chosen method its IconThemes preset if it has one, else the base `icons`."""
+    from training.config import RECOMMENDED_PRESETS, list_presets
+
+    if method is None:
+        return RECOMMENDED_PRESETS["IconThemes"]
+    return f"{method}-icons" if f"{method}-icons" in list_presets() else "icons"
+
+
+def train_job_of(client: Client, model_id: int) -> dict[str, Any]:
+    jobs = client.get("/api/v1/jobs?type=train&state=succeeded&limit=200")["items"]
+    job = next((j for j in jobs if (j.get("result") or {}).get("model_id") == model_id), None)
+    if job is None:
+        raise DemoError(f"no succeeded train job produced model {model_id}; delete the model")
+    return job
+
+
+def show_comparison(result: dict[str, Any]) -> bool:
+    """Print the trained and the baseline (built-in) model's test metrics side by side; True
+    when the trained model has the higher Recall@1, or when there was nothing to compare with."""
+    baseline, trained = result["baseline"], result["metrics"]["test"]
+    typer.echo(
+        f"  test split (classes never seen in training), {result['epochs']} epochs "
+        f"({result['iterations']} steps) trained:"
+    )
+    if baseline is None:
+        typer.echo(f"    {result['model_name']}: Recall@1 {trained['recall@1']:.3f} (no baseline)")
+        return True
+    kind = "built-in" if baseline["builtin"] else "baseline"
+    typer.echo(f"    {'model':<44} {'Recall@1':>9} {'MAP@R':>7}")
+    for label, metrics in (
+        (f"{baseline['model_name']} ({kind})", baseline["metrics"]),
+        (f"{result['model_name']} (trained)", trained),
+    ):
+        typer.echo(f"    {label:<44} {metrics['recall@1']:>9.3f} {metrics['map@r']:>7.3f}")
+    gain = result["gain_over_baseline"]
+    typer.echo(f"    {'trained - ' + kind:<44} {gain['recall@1']:>+9.3f} {gain['map@r']:>+7.3f}")
+    return gain["recall@1"] > 0
 
 
 def demo_command(
@@ -314,7 +393,7 @@ def demo_command(
     data: Path,
     host: str,
     port: int,
-    method: str,
+    method: str | None,
     train_minutes: float,
     train: bool,
 ) -> None:

@@ -37,8 +37,22 @@ def unit(*rows: list[float]) -> torch.Tensor:
     return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=1)
 
 
+class TinyNetwork(nn.Module):
+    """Flatten, a learnable per-feature scale as the "backbone", then a DiVA head; returns the
+    features under "features" as EmbeddingModel does, for DiVA's gradient norms."""
+
+    def __init__(self, feature_dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(feature_dim))
+        self.head = DiVAHead(feature_dim, head_dim)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = images.flatten(1) * self.scale
+        return {**self.head(features), "features": features}
+
+
 def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, **config):
-    """What DiVA's hooks read from a trainer, around a flatten + DiVA-head "network"."""
+    """What DiVA's hooks read from a trainer, around a tiny network."""
     cfg = TrainConfig(
         data="unused",
         batch_size=batch_size,
@@ -48,7 +62,7 @@ def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, 
         channels_last=False,
         **config,
     )
-    model = nn.Sequential(nn.Flatten(), DiVAHead(feature_dim, head_dim))
+    model = TinyNetwork(feature_dim, head_dim)
     return SimpleNamespace(
         model=model,
         cfg=cfg,
@@ -56,6 +70,7 @@ def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, 
         rank=0,
         world_size=1,
         transform=TransformConfig(image_size=32),
+        report_phase=lambda phase, done, total: None,
     )
 
 
@@ -130,7 +145,7 @@ def test_dance_loss_matches_hand_computation_with_per_row_weights():
         [0.8, 0, 0, 0.6],  # q1.c = 0.8 (d = 0.632); q2.c = 0 (d = 1.414 > 1.4: weight 0)
         [0, 0.95, math.sqrt(1 - 0.95**2), 0],  # q1.c = 0 (weight 0); q2.c = 0.95, d -> 0.5
     )
-    loss = DaNCELoss(temperature=tau)(queries, keys, queue)
+    loss = DaNCELoss(temperature=tau, normalise="row")(queries, keys, queue)
 
     # Row 1: the kept keys 1 and 3 share the weight; key 2 has weight 0 but similarity -0.5, so
     # its logit is 0 (exp(0) = 1 in the denominator), not -0.5 / tau.
@@ -161,7 +176,7 @@ def test_logit_weighting_is_importance_weighted_infonce_by_hand():
         [-0.5, 0, math.sqrt(0.75), 0],  # d = 1.73 > 1.4: weight 0, drops out
         [0.8, 0, 0, 0.6],  # d = 0.632
     )
-    loss = DaNCELoss(temperature=tau, weighting="logit")(queries, keys, queue)
+    loss = DaNCELoss(temperature=tau, weighting="logit", normalise="row")(queries, keys, queue)
     a, b = math.exp(log_inverse_density(1.0)), math.exp(log_inverse_density(math.sqrt(0.4)))
     # Weights a/(a+b), 0, b/(a+b), times N = 3 keys, on the exponentials.
     denominator = math.exp(0.2 / tau) + 3 * (
@@ -191,6 +206,136 @@ def test_dance_gradient_reaches_only_the_queries():
     DaNCELoss()(queries, keys, queue).backward()
     assert queries.grad is not None and queries.grad.abs().sum() > 0
     assert keys.grad is None and queue.grad is None
+
+
+def batch_weights_by_hand(queries, queue, lower=0.5, upper=1.4) -> list[list[float]]:
+    """DiVA's released weights (`criteria/fast_moco.py`), one pair at a time."""
+    dim, rows, columns = queries.shape[1], queries.tolist(), queue.tolist()
+    weights = []
+    for query in rows:
+        row = []
+        for key in columns:
+            similarity = sum(a * b for a, b in zip(query, key, strict=True))
+            d = max(math.sqrt(max(2 - 2 * similarity, 0.0)), lower)
+            row.append(max(0.0 if d > upper else math.exp(log_inverse_density(d, dim)), 1e-45))
+        weights.append(row)
+    for j in range(len(columns)):  # each key's weights sum to 1 over the batch
+        column = sum(row[j] for row in weights)
+        for row in weights:
+            row[j] /= column
+    return weights
+
+
+# Three queries, two partly aligned views each, and five queue keys in 4-d: keys 0, 1 and 4 lie
+# within the 1.4 cutoff of some query, keys 2 and 3 beyond it for every query.
+H = math.sqrt(0.75)
+QUERIES = unit([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0])
+KEYS = unit([0.5, 0, 0, H], [0, 0.5, 0, H], [0, 0, 0.5, H])  # q.k+ = 0.5
+QUEUE = unit(
+    [0.8, 0.6, 0, 0],  # d = 0.632 from q1, 0.894 from q2, 1.414 from q3 (cut)
+    [0, 0.95, 0, math.sqrt(1 - 0.95**2)],  # d = 0.316 (clamped to 0.5) from q2; q1, q3 cut
+    [-0.6, 0, -0.8, 0],  # cut for every query
+    [0, -0.6, 0, 0.8],  # cut for every query
+    [0.5, 0, 0.5, math.sqrt(0.5)],  # d = 1 from q1 and q3; q2 cut
+)
+NEAR, FAR = [0, 1, 4], [2, 3]
+
+
+def test_dance_batch_weights_and_loss_match_diva_released_code_by_hand():
+    tau = 0.1
+    dance = DaNCELoss(temperature=tau)
+    loss = dance(QUERIES, KEYS, QUEUE)
+
+    weights = batch_weights_by_hand(QUERIES, QUEUE)
+    torch.testing.assert_close(
+        dance.last_weights, torch.tensor(weights, dtype=torch.float64), rtol=1e-9, atol=1e-30
+    )
+    # A key cut for every query keeps 1/B on each (the 1e-45 floor, then the normalisation);
+    # key 1 is within the cutoff of q2 only, which takes all of it.
+    assert weights[0][2] == pytest.approx(1 / 3) and weights[1][1] == pytest.approx(1.0)
+    similarities = (QUERIES @ QUEUE.T).tolist()
+    expected = 0.0
+    for i in range(3):
+        logits = [0.5] + [s * w for s, w in zip(similarities[i], weights[i], strict=True)]
+        expected += -logits[0] / tau + math.log(sum(math.exp(x / tau) for x in logits))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-9)
+
+
+def query_gradient(queue: torch.Tensor, **options) -> torch.Tensor:
+    queries = QUERIES.clone().requires_grad_()
+    loss = DaNCELoss(temperature=0.1, **options)(queries, KEYS, queue)
+    return torch.autograd.grad(loss, queries)[0]
+
+
+def test_dance_gradient_comes_from_the_near_negatives():
+    full = query_gradient(QUEUE)
+    assert full.norm() > 1
+
+    def change(gradient: torch.Tensor) -> float:
+        return ((gradient - full).norm() / full.norm()).item()
+
+    # Each key's batch-normalised weights do not depend on the other keys, so dropping some
+    # leaves the rest as they were: the far keys barely move the gradient, the near ones do.
+    assert change(query_gradient(QUEUE[NEAR])) < 0.02
+    assert change(query_gradient(QUEUE[FAR])) > 0.5
+
+
+def gradient_parts(queries, keys, queue, weights, tau):
+    """d loss / d queries split into the positive's and the negatives' part, by hand.
+
+    With logits z_0 = q.k+ / tau, z_j = w_j q.k_j / tau (w constant), softmax p and the mean
+    over B queries: dL/dq = ((p_0 - 1) k+ + sum_j p_j w_j k_j) / (tau B).
+    """
+    logits = torch.cat([(queries * keys).sum(1, keepdim=True), queries @ queue.T * weights], 1)
+    p = (logits / tau).softmax(dim=1)
+    scale = tau * len(queries)
+    return (p[:, :1] - 1) * keys / scale, (p[:, 1:] * weights) @ queue / scale
+
+
+def test_per_query_weights_on_a_large_queue_leave_the_negatives_no_gradient():
+    """Why `normalise="batch"` is the default: normalised over 4,096 keys, each query's weights
+    are ~1e-3, every negative logit is ~0 and only the positive pulls.
+
+    This needs the query's unit of weight to be shared by many keys, as in this 8-d queue; in
+    high dimensions the inverse density is so peaked that its nearest few keys take most of it.
+    """
+    generator = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(8, 8, generator=generator, dtype=torch.float64), dim=1)
+    other = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+    other = F.normalize(other - (other * queries).sum(1, keepdim=True) * queries, dim=1)
+    keys = 0.05 * queries + math.sqrt(1 - 0.05**2) * other  # q.k+ = 0.05: far from aligned
+    queue = F.normalize(torch.randn(4096, 8, generator=generator, dtype=torch.float64), dim=1)
+
+    negatives_share = {}
+    for normalise in ("batch", "row"):
+        dance = DaNCELoss(normalise=normalise)
+        leaf = queries.clone().requires_grad_()
+        gradient = torch.autograd.grad(dance(leaf, keys, queue), leaf)[0]
+        positive, negatives = gradient_parts(queries, keys, queue, dance.last_weights, 0.01)
+        torch.testing.assert_close(positive + negatives, gradient)
+        assert gradient.norm() > 1  # the loss is far from saturated either way
+        negatives_share[normalise] = (negatives.norm() / gradient.norm()).item()
+    assert negatives_share["row"] < 1e-3
+    assert negatives_share["batch"] > 0.5
+
+
+def test_dance_normalise_is_validated_and_set_from_diva():
+    with pytest.raises(ValueError, match="normalise"):
+        DaNCELoss(normalise="column")
+    with pytest.raises(ValueError, match="normalise"):
+        DiVA(num_classes=4, embedding_dim=8, dance_normalise="column")
+    assert DiVA(num_classes=4, embedding_dim=8).dance_loss.normalise == "batch"
+    torch.manual_seed(0)
+    for normalise, axis in (("batch", 0), ("row", 1)):
+        trainer = tiny_trainer(batch_size=8)
+        method = diva_with_setup(trainer, n_key_batches=2, dance_normalise=normalise)
+        assert method.params["dance_normalise"] == normalise  # recorded in the model card
+        with torch.no_grad():
+            method.queue.copy_(F.normalize(torch.randn(16, 4), dim=1))
+        images = torch.randn(8, 3, 2, 2)
+        method.training_step(trainer.model, Batch([images, images], LABELS, torch.arange(8)))
+        sums = method.dance_loss.last_weights.sum(dim=axis)
+        torch.testing.assert_close(sums, torch.ones_like(sums))
 
 
 # ---------------------------------------------------------------- miners
@@ -361,6 +506,12 @@ def test_queue_is_first_in_first_out():
     )
 
 
+DECORRELATION_TERMS = [
+    f"decorrelation_{source}-discriminative" for source in ("selfsimilarity", "shared", "intra")
+]
+GRADIENT_NORMS = [f"grad_norm_{term}" for term in (*HEAD_NAMES, *DECORRELATION_TERMS)]
+
+
 def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_queue():
     trainer = tiny_trainer(batch_size=8)
     method = diva_with_setup(trainer, n_key_batches=2)
@@ -373,8 +524,7 @@ def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_que
 
     assert set(logs) == {
         "loss_discriminative", "loss_selfsimilarity", "loss_shared", "loss_intra",
-        "decorrelation_selfsimilarity-discriminative", "decorrelation_shared-discriminative",
-        "decorrelation_intra-discriminative",
+        *DECORRELATION_TERMS, "dance_negatives_weight_gt_0.01", *GRADIENT_NORMS,
     }  # fmt: skip
     expected = (
         logs["loss_discriminative"]
@@ -394,6 +544,38 @@ def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_que
     for key, old, query in zip(method.key_model.parameters(), key_before,
                                trainer.model.parameters(), strict=True):  # fmt: skip
         torch.testing.assert_close(key, 0.9 * old + 0.1 * query)
+
+
+def test_training_step_logs_negatives_and_gradient_norms_without_touching_grads_or_rng():
+    torch.manual_seed(0)
+    trainer = tiny_trainer(batch_size=8)
+    model, method = trainer.model, diva_with_setup(trainer, n_key_batches=2)
+    with torch.no_grad():
+        method.queue.copy_(F.normalize(torch.randn(16, 4), dim=1))
+    view_a, view_b = torch.randn(8, 3, 2, 2), torch.randn(8, 3, 2, 2)
+    torch.manual_seed(1)
+    _, logs = method.training_step(model, Batch([view_a, view_b], LABELS, torch.arange(8)))
+    rng_after_step = torch.get_rng_state()
+    assert all(p.grad is None for p in [*model.parameters(), *method.parameters()])
+    assert all(math.isfinite(logs[name]) and logs[name] > 0 for name in GRADIENT_NORMS)
+
+    # The same terms again, drawing the miners' random numbers in the same order.
+    outputs = model(view_a)
+    keys = method.key_model(view_b)["selfsimilarity"]
+    torch.manual_seed(1)
+    weighted = {
+        "discriminative": method.discriminative_loss(outputs["discriminative"], LABELS),
+        "selfsimilarity": 0.3 * method.dance_loss(outputs["selfsimilarity"], keys, method.queue),
+        "shared": 0.3 * method.shared_loss(outputs["shared"], LABELS),
+        "intra": 0.3 * method.intra_loss(outputs["intra"], LABELS),
+    }
+    assert torch.equal(torch.get_rng_state(), rng_after_step)  # the diagnostics draw nothing
+    for name, term in weighted.items():
+        gradient = torch.autograd.grad(term, outputs["features"], retain_graph=True)[0]
+        assert logs[f"grad_norm_{name}"].item() == pytest.approx(gradient.norm().item(), rel=1e-5)
+    weights = batch_weights_by_hand(outputs["selfsimilarity"].detach().double(), method.queue)
+    heavy = sum(w > 0.01 for row in weights for w in row) / 8
+    assert heavy > 0 and logs["dance_negatives_weight_gt_0.01"].item() == pytest.approx(heavy)
 
 
 def test_queue_is_filled_from_training_batches_without_touching_the_global_rng(tiny_dataset):
@@ -433,6 +615,8 @@ def test_diva_trains_from_the_cli_and_its_checkpoint_evaluates_and_loads(tiny_da
     terms = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["terms"]
     tasks = {f"loss_{task}" for task in ("discriminative", "selfsimilarity", "shared", "intra")}
     assert tasks <= set(terms) and all(math.isfinite(value) for value in terms.values())
+    assert {"dance_negatives_weight_gt_0.01", *GRADIENT_NORMS} <= set(terms)
+    assert all(terms[name] > 0 for name in GRADIENT_NORMS)  # every term trains the backbone
     card = json.loads((out / "best" / "card.json").read_text())
     assert card["method"]["name"] == "diva"
     assert card["architecture"]["head"] == "diva" and card["embedding_dim"] == 64

@@ -6,6 +6,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,6 +63,28 @@ def test_each_baseline_trains_and_its_checkpoint_evaluates(tiny_dataset, tmp_pat
     assert set(metrics) == METRIC_KEYS
     # The artifact alone reproduces the numbers the training run recorded.
     assert metrics["recall@1"] == pytest.approx(results["best"]["test"]["recall@1"], abs=1e-6)
+
+
+def test_a_baseline_is_measured_on_the_same_test_split_and_the_gain_reported(
+    tiny_dataset, tmp_path
+):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert (
+        invoke("train", "--data", tiny_dataset, "--iterations", 1, "--out", first, *TINY).exit_code
+        == 0
+    )
+    result = invoke("train", "--data", tiny_dataset, "--iterations", 2, "--out", second,
+                    "--baseline", first / "best", "--seed", 1, *TINY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    earlier = json.loads((first / "results.json").read_text())["best"]["test"]
+    results = json.loads((second / "results.json").read_text())
+    baseline = results["baseline"]
+    assert baseline["model"] == str(first / "best") and set(baseline["test"]) == METRIC_KEYS
+    for metric in ("recall@1", "map@r"):  # the same images, the same protocol
+        assert baseline["test"][metric] == pytest.approx(earlier[metric], abs=1e-6)
+        gain = results["best"]["test"][metric] - baseline["test"][metric]
+        assert results["gain_over_baseline"][metric] == pytest.approx(gain)
+    assert "minus the baseline: recall@1" in result.output
 
 
 def test_embed_writes_embeddings_labels_and_paths(tiny_dataset, tmp_path):
@@ -128,6 +151,7 @@ def test_finished_and_foreign_run_directories_are_refused(tiny_dataset, tmp_path
         (["--param", "nosuch=1"], "nosuch"),
         (["--base-loss", "triplet"], "base_loss"),
         (["--set", "image_size=abc"], "image_size"),
+        (["--baseline", "/nonexistent/model"], "is not a lookalike model"),
     ],
 )
 def test_bad_training_arguments_end_in_one_line_errors(tiny_dataset, tmp_path, args, message):
@@ -262,6 +286,29 @@ def test_every_shipped_preset_is_a_valid_config_for_its_method():
         {"rho": 0},
         32,
     )
+
+
+def test_the_recommended_preset_is_the_benchmarks_best_and_dvml_elsewhere(tmp_path):
+    from training.config import RECOMMENDED_PRESETS, recommended_preset
+    from training.data.benchmarks.common import write_manifest
+
+    for benchmark, preset in (("IconThemes", "dvml-icons"), ("CJK-Fonts", "dvml-cjk")):
+        root = tmp_path / benchmark
+        root.mkdir()
+        write_manifest(root, {"benchmark": benchmark})
+        assert recommended_preset(str(root)) == preset
+        assert recommended_preset(f"imagefolder:{root}") == preset  # the service's spec
+    assert recommended_preset(str(tmp_path)) == "dvml"  # a user's ImageFolder: no manifest
+    assert recommended_preset(f"cub200:{tmp_path}") == "dvml"
+    for preset in (*RECOMMENDED_PRESETS.values(), "dvml"):
+        config = resolve_config({"data": "unused"}, preset=preset)
+        assert config.method == "dvml" and config.method_params["base_loss"] == "margin"
+
+
+def test_train_help_lists_every_method_and_preset():
+    shown = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).output
+    for name in [*METHODS, *list_presets()]:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", shown), name
 
 
 def test_every_benchmark_variant_names_a_method_and_parameters_it_takes():

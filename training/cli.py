@@ -78,7 +78,25 @@ def _parse_params(pairs: list[str] | None) -> dict[str, Any]:
     return params
 
 
-@app.command()
+# Every method (training/methods/) and what it is; a test keeps this in step with the registry.
+METHOD_HELP = (
+    "margin (Wu et al. 2017, distance-weighted sampling), triplet, contrastive, npair, "
+    "diva (Milbich et al. 2020), dvml (Lin et al. 2018; wraps --base-loss triplet, npair or "
+    "margin), magnet (Rippel et al. 2016); default: the preset's, else margin"
+)
+
+
+def _presets_epilog() -> str:
+    from training.config import list_presets
+
+    return (
+        "Presets (training/presets/): "
+        + ", ".join(list_presets())
+        + ". The best measured on each benchmark: dvml-icons, dvml-cjk (docs/results.md)."
+    )
+
+
+@app.command(epilog=_presets_epilog())
 @_user_errors
 def train(
     data: Annotated[
@@ -88,18 +106,24 @@ def train(
             "sop:PATH, manifest:FILE"
         ),
     ],
-    method: Annotated[str | None, typer.Option(help="margin, triplet, contrastive, npair")] = None,
+    method: Annotated[str | None, typer.Option(help=METHOD_HELP)] = None,
     config: Annotated[
         Path | None, typer.Option(help="JSON or TOML file with training options")
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="named preset, e.g. icons, cjk")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="named preset (listed below), e.g. dvml-icons")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="run directory (resumes an interrupted run)")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     iterations: Annotated[int | None, typer.Option(min=1)] = None,
     time_budget: Annotated[
-        float | None, typer.Option(help="minutes of training, then stop")
+        float | None,
+        typer.Option(
+            help="minutes for the whole run (queue fill, training, validation); only the "
+            "final test evaluation comes after it"
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     backbone: Annotated[
@@ -128,6 +152,13 @@ def train(
     set_option: Annotated[
         list[str] | None,
         typer.Option("--set", help="any other training option KEY=VALUE (repeatable)"),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="a model to compare with on the test split at the end, e.g. the untrained "
+            "backbone from `lookalike pretrained`"
+        ),
     ] = None,
 ) -> None:
     """Train an embedding model; writes best/ and last/ model artifacts into --out."""
@@ -159,6 +190,7 @@ def train(
         "eval_train": eval_train,
         "num_workers": workers,
         "seed": seed,
+        "baseline": baseline,
         **_parse_params(set_option),
         "method_params": {
             **({"base_loss": base_loss} if base_loss else {}),
@@ -181,7 +213,12 @@ def train(
             for split in ("val", "test", "train")
             if results[name].get(split)
         }
+        if "baseline" in results:
+            rows[f"baseline {results['baseline']['model']} (test)"] = results["baseline"]["test"]
         console.print(format_metrics_table(rows, title=f"{cfg.method}: {trainer.out}"))
+        if "gain_over_baseline" in results:
+            gains = ", ".join(f"{k} {v:+.3f}" for k, v in results["gain_over_baseline"].items())
+            console.print(f"best (test) minus the baseline: {gains}", highlight=False)
 
 
 def _load_split(data: str, split: str, max_classes: int | None):
@@ -209,21 +246,16 @@ def _embed_split(
     batch_size: int,
     workers: int,
 ):
-    from training.checkpoint import load_model
     from training.engine.trainer import resolve_device
-    from training.evaluation.embed import compute_embeddings
+    from training.evaluation.embed import embed_split_with_artifact
 
-    model, card, _ = load_model(model_dir)
     chosen = _load_split(data, split, max_classes)
-    torch_device = resolve_device(device)
-    model.to(torch_device)
-    embeddings, labels = compute_embeddings(
-        model,
+    embeddings, labels = embed_split_with_artifact(
+        model_dir,
         chosen,
-        card.preprocessing.transform_config(),
+        device=resolve_device(device),
         batch_size=batch_size,
         num_workers=workers,
-        device=torch_device,
     )
     return embeddings, labels, chosen
 

@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     eval_train: bool = False  # also report train-split metrics (memorisation check)
     eval_batch_size: int = Field(128, ge=1)
     select_metric: str = "recall@1"
+    # A model artifact measured on the same test split at the end (e.g. the untrained backbone
+    # from `lookalike pretrained`), so results.json says whether training helped.
+    baseline: Path | None = None
     checkpoint_every: int = Field(100, ge=1)  # iterations between resumable snapshots
 
     @model_validator(mode="after")
@@ -93,6 +96,24 @@ class TrainConfig(BaseModel):
     @property
     def classes_per_batch(self) -> int:
         return self.batch_size // self.samples_per_class
+
+
+# The best method of docs/results.md's comparison table on each offline benchmark: DVML+margin
+# with the backbone features detached, its presets chosen on each benchmark's validation split.
+# Any other data gets the same method on the papers' recipe (the `dvml` preset).
+RECOMMENDED_PRESETS = {"IconThemes": "dvml-icons", "CJK-Fonts": "dvml-cjk"}
+GENERAL_PRESET = "dvml"
+
+
+def recommended_preset(data: str) -> str:
+    """The preset to train `data` (a `--data` spec) with when neither method nor preset is
+    chosen: the benchmark's own when `data` is a benchmark build, else `GENERAL_PRESET`."""
+    from training.data.benchmarks.common import read_manifest
+
+    scheme, _, path = data.rpartition(":")  # "imagefolder:PATH" or a bare ImageFolder root
+    manifest = read_manifest(Path(path)) if scheme in ("", "imagefolder") else None
+    benchmark = (manifest or {}).get("benchmark")
+    return RECOMMENDED_PRESETS.get(benchmark, GENERAL_PRESET)
 
 
 def list_presets() -> list[str]:

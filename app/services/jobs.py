@@ -61,13 +61,24 @@ class _Params(BaseModel):
 
 class TrainParams(_Params):
     dataset_id: RowId
-    method: str = "margin"
+    method: str | None = Field(
+        None,
+        description="margin, triplet, contrastive, npair, diva, dvml, magnet; default: the "
+        "preset's method, and with neither method nor preset the best method measured for the "
+        "dataset's kind of data (docs/results.md): the dvml-icons or dvml-cjk preset on the "
+        "offline benchmarks, the dvml preset (DVML+margin) on any other data",
+    )
     preset: str | None = None
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields (lr, epochs, batch_size, ...)"
     )
     model_name: str | None = Field(
         None, min_length=1, max_length=200, description="default: <method>-job<id>"
+    )
+    baseline_model_id: RowId | None = Field(
+        None,
+        description="the model the trained one is compared with on the same test split (the "
+        "result's baseline and gain_over_baseline); default: the built-in model",
     )
 
 
@@ -167,7 +178,7 @@ def ready_dataset(session: Session, dataset_id: int) -> Dataset:
 
 def train_config(settings: Settings, params: TrainParams, dataset: Dataset, out: Path | None):
     """The TrainConfig a train job runs with (also how the API validates the request)."""
-    from training.config import ConfigError, resolve_config
+    from training.config import ConfigError, recommended_preset, resolve_config
     from training.methods import build_method
     from training.models.backbones import ALIASES, BACKBONES
 
@@ -181,12 +192,15 @@ def train_config(settings: Settings, params: TrainParams, dataset: Dataset, out:
         "num_workers": settings.worker_num_workers,
         **params.hyperparameters,
         "data": dataset.spec,
-        "method": params.method,
+        "method": params.method,  # None: the preset's
         "out": out,
         "device": settings.worker_device,
     }
+    preset = params.preset
+    if preset is None and params.method is None:
+        preset = recommended_preset(dataset.spec)
     try:
-        cfg = resolve_config(overrides, preset=params.preset)
+        cfg = resolve_config(overrides, preset=preset)
     except ConfigError as error:
         raise Invalid(str(error)) from None
     if cfg.weights not in SERVER_WEIGHTS:
@@ -239,6 +253,8 @@ def validate(session: Session, settings: Settings, job_type: str, params: _Param
     """Every check that can be made before queuing; raises a ServiceError (4xx)."""
     if isinstance(params, TrainParams):
         train_config(settings, params, ready_dataset(session, params.dataset_id), out=None)
+        if params.baseline_model_id is not None:
+            _must_exist(get_model, session, params.baseline_model_id)
     elif isinstance(params, EvaluateParams):
         _must_exist(get_model, session, params.model_id)
         ready_dataset(session, params.dataset_id)

@@ -123,6 +123,11 @@ def _register_staged(
     return model
 
 
+def builtin_model(session: Session) -> Model | None:
+    """The built-in pretrained model, if the server registered one (see `ensure_builtin`)."""
+    return session.scalar(select(Model).where(Model.builtin).order_by(Model.id))
+
+
 def ensure_builtin(session: Session, settings: Settings) -> Model:
     """The pretrained EfficientNet-Lite0 features (training's `lookalike pretrained`), built
     and registered on first start so a fresh install can search at once."""

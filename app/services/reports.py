@@ -172,6 +172,17 @@ def build_report(session: Session, model_id: int, dataset_id: int | None = None)
             metrics = _flat_metrics(card_metrics.get(split))
             if metrics:
                 report.sources.append(Source(f"{split} (training)", split, metrics))
+    baseline = (train_job.result or {}).get("baseline") if trained_on and train_job else None
+    if baseline:  # what the train job measured its baseline at on the same test images
+        kind = "built-in" if baseline["builtin"] else "baseline"
+        report.sources.append(
+            Source(
+                f"{baseline['split']} ({kind} {baseline['model_name']}, for comparison)",
+                baseline["split"],
+                _flat_metrics(baseline["metrics"]),
+                train_job.id,
+            )
+        )
     if dataset is not None:
         evaluations = session.scalars(
             select(Job)
@@ -284,10 +295,9 @@ def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[s
     import torch
     from sklearn.manifold import TSNE
 
-    from training.checkpoint import load_model
     from training.data.image_dataset import drop_unreadable
     from training.data.readers import load_dataset
-    from training.evaluation.embed import compute_embeddings
+    from training.evaluation.embed import embed_split_with_artifact
 
     assert report.dataset is not None
     split = getattr(load_dataset(report.dataset.spec), split_name)
@@ -297,11 +307,10 @@ def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[s
     if len(split) > TSNE_MAX_POINTS:  # a random sample keeps every class's share
         rng = np.random.default_rng(TSNE_SEED)
         split = split.subset(sorted(rng.permutation(len(split))[:TSNE_MAX_POINTS].tolist()))
-    network, card, _ = load_model(artifact_dir(settings, report.model))
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    embeddings, codes = compute_embeddings(
-        network, split, card.preprocessing.transform_config(), num_workers=0, device="cpu"
+    embeddings, codes = embed_split_with_artifact(
+        artifact_dir(settings, report.model), split, num_workers=0
     )
     perplexity = float(min(30.0, max(2.0, (len(embeddings) - 1) / 3)))
     coords = TSNE(

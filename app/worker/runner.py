@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,7 @@ class JobRun:
         self,
         *,
         progress: float | None = None,
+        eta_s: float | None = None,
         epoch: int | None = None,
         step: int | None = None,
         total_steps: int | None = None,
@@ -91,13 +93,19 @@ class JobRun:
         force: bool = False,
     ) -> None:
         """Record progress; written at once when `force` or a heartbeat interval has passed
-        since the last write, otherwise by the next heartbeat."""
+        since the last write, otherwise by the next heartbeat.
+
+        `eta_s`, the seconds left as the body estimates them, sets the ETA; without it the ETA
+        extrapolates `progress` linearly from the job's start, which is wrong wherever progress
+        is not proportional to time (a training run that a time budget will stop early)."""
         values: dict[str, Any] = {}
+        if eta_s is not None and math.isfinite(eta_s):
+            values["eta"] = now() + timedelta(seconds=max(eta_s, 0.0))
         if progress is not None:
             progress = min(max(progress, 0.0), 1.0)
             values["progress"] = progress
             elapsed = time.monotonic() - self._started
-            if progress > 0:
+            if progress > 0 and "eta" not in values:
                 values["eta"] = now() + timedelta(seconds=elapsed * (1 - progress) / progress)
         for name, value in (
             ("epoch", epoch),

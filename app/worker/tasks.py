@@ -25,7 +25,7 @@ from celery.signals import task_failure, worker_process_shutdown, worker_ready, 
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.db.models import Dataset
+from app.db.models import Dataset, Model
 from app.db.models.jobs import DatasetKind
 from app.db.session import make_engine, make_session_factory
 from app.services.errors import Conflict
@@ -82,28 +82,44 @@ def train(self: Task, job_id: int) -> None:
     _run(self, job_id, train_body)
 
 
+def training_reporter(run: JobRun) -> Callable[[dict[str, Any]], None]:
+    """The trainer's `on_progress` for a job. The trainer's progress and ETA cover the whole
+    run (queue fill, training, validation, final evaluation) and go to the row as they are; the
+    phase and how far it is go into the metrics, beside the latest loss and validation scores,
+    which stay shown while a phase that has none runs."""
+    trainer_keys = {"epoch", "iteration", "total_iterations", "progress", "elapsed_s", "eta_s"}
+    latest: dict[str, Any] = {}
+
+    def on_progress(info: dict[str, Any]) -> None:
+        latest.update({k: v for k, v in info.items() if k not in trainer_keys})
+        latest["phase_done"], latest["phase_total"] = latest.pop("done"), latest.pop("total")
+        run.report(
+            progress=info["progress"],
+            eta_s=info["eta_s"],
+            epoch=info["epoch"],
+            step=info["iteration"],
+            total_steps=info["total_iterations"],
+            metrics=dict(latest),
+            force=True,
+        )
+
+    return on_progress
+
+
 def train_body(run: JobRun) -> dict[str, Any]:
-    from app.services.models import register_artifact
+    from app.services.models import artifact_dir, register_artifact
     from training.engine.trainer import Trainer, TrainingStopped
 
     params = TrainParams.model_validate(run.job.params)
     with run.session() as session:
         dataset = ready_dataset(session, params.dataset_id)
+        baseline = baseline_model(session, params.baseline_model_id)
     cfg = train_config(run.settings, params, dataset, out=run.dir / "run")
-    skip = {"epoch", "iteration", "total_iterations", "progress", "elapsed_s"}
-
-    def on_progress(info: dict[str, Any]) -> None:
-        # Training is 90 %; the final test evaluation of the best and last models the rest.
-        run.report(
-            progress=0.9 * info["progress"],
-            epoch=info["epoch"],
-            step=info["iteration"],
-            total_steps=info["total_iterations"],
-            metrics={k: v for k, v in info.items() if k not in skip},
-            force=True,
-        )
-
-    trainer = Trainer(cfg, on_progress=on_progress, should_stop=run.should_stop, progress_bar=False)
+    if baseline is not None:  # measured on the same test images in the final evaluation
+        cfg.baseline = artifact_dir(run.settings, baseline)
+    trainer = Trainer(
+        cfg, on_progress=training_reporter(run), should_stop=run.should_stop, progress_bar=False
+    )
     run.report(progress=0.0, epoch=0, step=0, total_steps=trainer.total_iterations, force=True)
     try:
         results = trainer.fit()
@@ -119,13 +135,34 @@ def train_body(run: JobRun) -> dict[str, Any]:
     return {
         "model_id": model.id,
         "model_name": model.name,
+        "method": cfg.method,
+        "preset": cfg.preset,
         "metrics": best,
         "last": results["last"],
+        "baseline": None
+        if baseline is None
+        else {
+            "model_id": baseline.id,
+            "model_name": baseline.name,
+            "builtin": baseline.builtin,
+            "split": "test",
+            "metrics": results["baseline"]["test"],
+        },
+        "gain_over_baseline": results.get("gain_over_baseline"),
         "selected_by": results["selected_by"],
         "iterations": results["iterations"],
         "epochs": results["epochs"],
         "run_dir": str(trainer.out),
     }
+
+
+def baseline_model(session: Session, model_id: int | None) -> Model | None:
+    """What a train job compares its model with on the test split, so the job, the report and
+    the demo can say whether training helped (on IconThemes a short run can end below the
+    untrained ImageNet features): `model_id`, else the built-in model, if there is one."""
+    from app.services.models import builtin_model, get_model
+
+    return builtin_model(session) if model_id is None else get_model(session, model_id)
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -136,11 +173,10 @@ def evaluate(self: Task, job_id: int) -> None:
 
 def evaluate_body(run: JobRun) -> dict[str, Any]:
     from app.services.models import artifact_dir, get_model
-    from training.checkpoint import load_model
     from training.data.image_dataset import drop_unreadable
     from training.data.readers import load_dataset
     from training.engine.trainer import resolve_device
-    from training.evaluation.embed import compute_embeddings
+    from training.evaluation.embed import embed_split_with_artifact
     from training.evaluation.metrics import evaluate_embeddings
 
     params = EvaluateParams.model_validate(run.job.params)
@@ -153,14 +189,11 @@ def evaluate_body(run: JobRun) -> dict[str, Any]:
     split, skipped = drop_unreadable(split)
     run.report(progress=0.05, force=True)
     run.check()
-    network, card, _ = load_model(artifact_dir(run.settings, model))
-    device = resolve_device(run.settings.worker_device)
-    embeddings, labels = compute_embeddings(
-        network.to(device),
+    embeddings, labels = embed_split_with_artifact(
+        artifact_dir(run.settings, model),
         split,
-        card.preprocessing.transform_config(),
+        device=resolve_device(run.settings.worker_device),
         num_workers=run.settings.worker_num_workers,
-        device=device,
     )
     run.report(progress=0.8, force=True)
     run.check()

@@ -183,7 +183,12 @@ def test_train_evaluate_and_index_end_to_end(redis_env, ids):
     job = submit(
         client,
         "train",
-        {"dataset_id": ids["dataset"], "method": "margin", "hyperparameters": TINY_TRAINING},
+        {
+            "dataset_id": ids["dataset"],
+            "method": "margin",
+            "hyperparameters": TINY_TRAINING,
+            "baseline_model_id": ids["model"],
+        },
     )
     assert job["state"] == "queued" and job["queue"] == "gpu"
     running = wait_for(client, job["id"], lambda j: j["state"] != "queued" and j["step"])
@@ -198,6 +203,20 @@ def test_train_evaluate_and_index_end_to_end(redis_env, ids):
     assert model["name"] == f"margin-job{job['id']}" and model["embedding_dim"] == 16
     assert model["card"]["metrics"]["test"]["recall@1"] == result["metrics"]["test"]["recall@1"]
     assert "started" in client.get(f"{JOBS}/{job['id']}/logs", params={"lines": 50}).text
+    # The baseline was measured on the same 20 test images; the gain is the difference.
+    baseline = result["baseline"]
+    assert (baseline["model_id"], baseline["model_name"], baseline["builtin"]) == (
+        ids["model"],
+        "tiny",
+        False,
+    )
+    for metric in ("recall@1", "map@r"):
+        gain = result["metrics"]["test"][metric] - baseline["metrics"][metric]
+        assert result["gain_over_baseline"][metric] == pytest.approx(gain)
+    assert (result["method"], result["preset"]) == ("margin", None)
+    report = client.get(f"/api/v1/reports/models/{result['model_id']}").json()
+    compared = [s for s in report["sources"] if s["name"] == "test (baseline tiny, for comparison)"]
+    assert len(compared) == 1 and compared[0]["metrics"] == baseline["metrics"]
 
     evaluation = submit(
         client,
@@ -312,6 +331,7 @@ def test_bad_requests_are_refused_before_queuing(redis_env, ids):
         ("train", {"dataset_id": ids["dataset"], "hyperparameters": {"data": "/etc"}}, 422, "data"),
         ("train", {"dataset_id": ids["dataset"], "method": "nope"}, 422, "unknown method"),
         ("train", {"dataset_id": ids["dataset"], "preset": "nope"}, 422, "unknown preset"),
+        ("train", {"dataset_id": ids["dataset"], "baseline_model_id": 999}, 422, "model 999"),
         (
             "train",
             {"dataset_id": ids["dataset"], "hyperparameters": {"weights": "/etc/passwd"}},
@@ -587,3 +607,29 @@ def test_serve_runs_import_jobs_on_the_embedded_broker_without_redis(tmp_path):
             )
             assert too_big.status_code == 413
     assert all(process.poll() is not None for process in workers)
+
+
+def test_a_train_job_without_method_or_preset_trains_the_recommended_preset(tmp_path):
+    """The best method measured for the dataset's kind of data (docs/results.md), unless the
+    request names a method or a preset."""
+    from app.db.models import Dataset
+    from app.services.jobs import TrainParams, train_config
+    from training.data.benchmarks.common import write_manifest
+
+    icons = tmp_path / "icons"
+    icons.mkdir()
+    write_manifest(icons, {"benchmark": "IconThemes"})
+    settings = Settings(data_dir=tmp_path / "data")
+    summary = {"train": {"classes": 8, "images": 48}}
+    benchmark = Dataset(name="icons", kind="imagefolder", path=str(icons), summary=summary)
+    other = Dataset(name="mine", kind="imagefolder", path=str(tmp_path), summary=summary)
+
+    def chosen(dataset: Dataset, **request) -> tuple[str | None, str]:
+        cfg = train_config(settings, TrainParams(dataset_id=1, **request), dataset, out=None)
+        return cfg.preset, cfg.method
+
+    assert chosen(benchmark) == ("dvml-icons", "dvml")
+    assert chosen(other) == ("dvml", "dvml")
+    assert chosen(benchmark, method="margin") == (None, "margin")
+    assert chosen(benchmark, preset="diva-icons") == ("diva-icons", "diva")
+    assert chosen(benchmark, preset="icons") == ("icons", "margin")

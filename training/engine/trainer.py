@@ -6,9 +6,16 @@ What it does beyond the textbook loop, and why:
   and crops the uninterrupted run would have seen.
 - Model selection uses the class-disjoint validation split only; the test split is embedded for
   the best and last models at the end (and every `eval_test_every` epochs if asked), so it is
-  never used to choose a model (MLRC, methods.md §4.4) and costs two passes, not one per epoch.
+  never used to choose a model (MLRC, methods.md §4.4) and costs two passes, not one per epoch
+  (one when best and last are the same checkpoint).
 - One process per device under `torchrun` (DistributedDataParallel, gloo on CPU, NCCL on GPU);
   `batch_size` is per process.
+- `time_budget_min` covers the method's start-up (DiVA's queue fill), training and every
+  validation pass, so the run ends, closing validation included, within it; only the final test
+  evaluation comes after. Training stops as soon as one more step and the closing validation
+  would not fit (their costs are measured as the run goes, see `_image_s`).
+- Progress goes to `on_progress` by phase ("queue", "train", "validate", "final evaluation"),
+  with an ETA for the whole run; the same phases show as progress bars on a terminal.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.checkpoint import ModelCard, Preprocessing, load_model, save_artifact
+from training.checkpoint import ModelCard, Preprocessing, load_model, read_card, save_artifact
 from training.config import TrainConfig
 from training.data.image_dataset import ImageDataset, drop_unreadable
 from training.data.readers import check_trainable, load_dataset
@@ -41,7 +48,7 @@ from training.data.records import DatasetSplits, Split
 from training.data.samplers import PKBatchSampler
 from training.data.splits import class_disjoint_split, randomize_labels
 from training.data.transforms import TransformConfig, build_train_transform
-from training.evaluation.embed import compute_embeddings
+from training.evaluation.embed import compute_embeddings, embed_split_with_artifact
 from training.evaluation.metrics import evaluate_embeddings
 from training.methods import Batch, Method, build_method
 from training.models.embedding import EmbeddingModel, ModelSpec
@@ -51,7 +58,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+# What results.json compares between the best model and a baseline (`TrainConfig.baseline`).
+COMPARED_METRICS = ("recall@1", "map@r")
 CONFIG_FILE = "config.json"
+REPORT_EVERY_S = 5.0  # between progress reports within a phase (its start and end always report)
 
 
 class TrainingStopped(RuntimeError):
@@ -208,6 +218,9 @@ def learning_rate_factor(cfg: TrainConfig, iteration: int, per_epoch: int, total
 class Trainer:
     """Builds everything a run needs from a `TrainConfig`, then `fit()` runs it."""
 
+    # Every time the loop reads comes from here, so a test can make time pass at will.
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -232,6 +245,8 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.out = Path(cfg.out or Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if cfg.baseline is not None:
+            read_card(cfg.baseline)  # a missing or broken artifact fails now, not after training
         self.data = prepare_data(cfg)
         train = self.data.train
         self.method = build_method(
@@ -286,6 +301,15 @@ class Trainer:
         self.elapsed = 0.0
         self.best: dict[str, Any] = {"score": -math.inf, "epoch": None, "val": None}
         self.history: list[dict[str, Any]] = []
+        self._started = 0.0  # clock() when this run would have started, earlier sessions joined
+        self._progress = 0.0  # the progress reported last; it never goes back
+        self._last_report = -math.inf
+        self._train_s, self._train_steps = 0.0, 0  # training steps timed in this session
+        self._image_pass_s: float | None = None  # seconds per image of the last embedding phase
+        self._epoch_start_s = 0.0  # the method's last on_epoch_start (Magnet's clustering)
+        self._phase: str | None = None  # the embedding phase under way, its start and its bar
+        self._phase_started = 0.0
+        self._bar: tqdm | None = None
 
     # ---------------------------------------------------------------- set-up helpers
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -416,7 +440,14 @@ class Trainer:
         return False
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate_split(self, split: Split, *, clustering: bool = True) -> dict[str, float]:
+    def evaluate_split(
+        self,
+        split: Split,
+        *,
+        clustering: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, float]:
+        """Metrics of the current model on `split`; `progress(done, total)` hears of each batch."""
         embeddings, labels = compute_embeddings(
             self.model,
             split,
@@ -425,6 +456,7 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             device=self.device,
             channels_last=self.cfg.channels_last,
+            progress=progress,
         )
         return evaluate_embeddings(
             embeddings, labels, seed=self.cfg.seed, with_clustering=clustering
@@ -455,22 +487,35 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         loader, batches = self._train_loader()
-        started = time.perf_counter() - self.elapsed
+        self._started = self.clock() - self.elapsed  # the budget's clock runs from here
         if not resumed:
             self.method.on_train_start(self)
-        budget_s = self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else math.inf
-        out_of_budget = False
-        while self.iteration < self.total_iterations and not out_of_budget:
+        stop = self._out_of_budget()
+        if stop:
+            log.warning(
+                "%.0f s of the %.0f s time budget had passed before the first training step (%s), "
+                "leaving no time to train and validate: the run ends with the model as it is. "
+                "Raise time_budget_min.",
+                self.elapsed,
+                self._budget_s(),
+                "a resumed run" if resumed else "the method's start-up, e.g. DiVA's queue fill",
+            )
+            if self.batch_in_epoch or self.epoch == 0:  # steps, or no model, since the last save
+                empty = {"loss": None, "terms": {}, "images_per_s": 0.0}
+                self._end_epoch(empty, closing=True, validate=False)
+        while not stop and self.iteration < self.total_iterations:
             if self.batch_in_epoch == 0:
+                epoch_started = self.clock()
                 self.method.on_epoch_start(self, self.epoch)
+                self._epoch_start_s = self.clock() - epoch_started
             batches.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-            epoch_log = self._run_epoch(loader, started, budget_s)
-            out_of_budget = epoch_log.pop("out_of_budget")
+            epoch_log = self._run_epoch(loader)
+            stop = epoch_log.pop("out_of_budget")
             if epoch_log.pop("epoch_complete"):
-                self._end_epoch(epoch_log, started)
-        return self._finish(started)
+                stop = self._end_epoch(epoch_log, closing=stop)
+        return self._finish()
 
-    def _run_epoch(self, loader: DataLoader, started: float, budget_s: float) -> dict[str, Any]:
+    def _run_epoch(self, loader: DataLoader) -> dict[str, Any]:
         cfg = self.cfg
         self.step_module.train()
         remaining = min(
@@ -486,13 +531,12 @@ class Trainer:
         )
         losses, images_seen, wait_s, step_s = [], 0, 0.0, 0.0
         term_sums: dict[str, float] = defaultdict(float)  # the method's loss terms, per epoch
-        last_report = time.perf_counter()
         out_of_budget = False
-        fetch_started = time.perf_counter()
+        fetch_started = self.clock()
         for batch_index, (images, labels, indices) in enumerate(loader):
             if batch_index >= remaining:
                 break
-            fetched = time.perf_counter()
+            fetched = self.clock()
             wait_s += fetched - fetch_started
             batch = self._to_batch(images, labels, indices)
             loss, logs = self._step(batch)
@@ -503,8 +547,11 @@ class Trainer:
             self.iteration += 1
             self.batch_in_epoch += 1
             self.method.on_step_end(self)
-            fetch_started = time.perf_counter()
-            step_s += fetch_started - fetched
+            step_ended = self.clock()
+            step_s += step_ended - fetched
+            self._train_s += step_ended - fetch_started
+            self._train_steps += 1
+            fetch_started = step_ended
             rate = images_seen / max(wait_s + step_s, 1e-9)
             bar.set_postfix(
                 loss=f"{loss:.4f}",
@@ -512,16 +559,23 @@ class Trainer:
                 data=f"{wait_s / max(wait_s + step_s, 1e-9):.0%}",
             )
             bar.update()
-            self.elapsed = fetch_started - started
+            self._tick()
             if self.iteration % cfg.checkpoint_every == 0:
                 self.save_state()
-            if fetch_started - last_report > 5:
-                last_report = fetch_started
-                self._report(loss=float(np.mean(losses[-20:])), images_per_s=rate, **logs)
+            # The first step of a session reports at once: the phase changed, the pace is known.
+            if self._train_steps == 1 or step_ended - self._last_report >= REPORT_EVERY_S:
+                self._report(
+                    "train",
+                    self.iteration,
+                    self.total_iterations,
+                    loss=float(np.mean(losses[-20:])),
+                    images_per_s=rate,
+                    terms=logs,  # the method's own names, which may clash with the report's
+                )
             if self.should_stop():
                 self.save_state()
                 raise TrainingStopped(f"stopped at iteration {self.iteration}")
-            if self.elapsed >= budget_s:
+            if self._out_of_budget():
                 out_of_budget = True
                 break
         bar.close()
@@ -565,19 +619,164 @@ class Trainer:
         self.scheduler.step()
         return loss.item(), {k: float(v) for k, v in logs.items()}
 
-    def _report(self, **info: Any) -> None:
+    # ---------------------------------------------------------------- time, budget, progress
+    def _tick(self) -> float:
+        """Bring `elapsed` (seconds of this run so far, all its sessions) up to date."""
+        self.elapsed = self.clock() - self._started
+        return self.elapsed
+
+    def _budget_s(self) -> float:
+        return self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else math.inf
+
+    def _out_of_budget(self, extra_s: float = 0.0) -> bool:
+        """Whether `extra_s`, one more training step and the closing validation pass would
+        overrun the time budget. Rank 0, which alone validates, decides for every process, so
+        all of them stop at the same step."""
+        if not self.cfg.time_budget_min:
+            return False
+        needed = extra_s + (self._step_s() or 0.0) + self._validation_s()
+        over = self._tick() + needed >= self._budget_s()
+        if self.distributed:
+            flag = torch.tensor([float(over)], device=self.device)
+            dist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        return over
+
+    def _step_s(self) -> float | None:
+        """Seconds per training step: this session's mean, else the pace of the last epoch on
+        record (a resumed run), else None."""
+        if self._train_steps:
+            return self._train_s / self._train_steps
+        paces = [r["images_per_s"] for r in self.history if r.get("images_per_s")]
+        return self.cfg.batch_size / paces[-1] if paces else None
+
+    def _image_s(self) -> float | None:
+        """Seconds to evaluate one image: the last validation pass's pace, else that of the last
+        phase that embedded images (DiVA's queue fill), else a training step's per image, which
+        errs long (a step also runs the backward pass); None before anything was timed."""
+        for record in reversed(self.history):
+            if record.get("val_s") and self.data.val is not None:
+                return record["val_s"] / max(len(self.data.val), 1)
+        if self._image_pass_s is not None:
+            return self._image_pass_s
+        step = self._step_s()
+        return None if step is None else step / self.cfg.batch_size
+
+    def _validation_s(self) -> float:
+        """The expected cost of a validation pass: the last one's, or `_image_s` per image."""
+        image = self._image_s() if self.data.val is not None else None
+        return 0.0 if image is None else image * len(self.data.val)
+
+    def _validations_left(self) -> int:
+        """Validation passes still to come by the iteration count: every `eval_every` epochs
+        and at the last one."""
+        if self.data.val is None:
+            return 0
+        last, every = (self.total_iterations - 1) // self.iterations_per_epoch, self.cfg.eval_every
+        return sum(
+            epoch == last or bool(every and (epoch + 1) % every == 0)
+            for epoch in range(self.epoch, last + 1)
+        )
+
+    def _final_passes(self) -> int:
+        """Models the final evaluation embeds if the run ended now: one when `best` and `last`
+        are the same checkpoint (the same epoch, or nothing chose a best), else two."""
+        return 1 if self.best["epoch"] in (None, self.epoch - 1) else 2
+
+    def _final_evaluation_s(self) -> float:
+        image = self._image_s()
+        images = len(self.data.test) + (len(self.data.train_clean) if self.cfg.eval_train else 0)
+        images *= self._final_passes()
+        if self.cfg.baseline is not None:  # its pixels per image may differ from ours
+            images += len(self.data.test) * self._baseline_pixel_ratio()
+        return 0.0 if image is None else image * images
+
+    def _baseline_pixel_ratio(self) -> float:
+        """The baseline's input pixels per image over this model's: what an image costs it."""
+        card = read_card(self.cfg.baseline)
+        return (card.preprocessing.image_size / self.cfg.image_size) ** 2
+
+    def _eta_s(self, phase: str, done: int, total: int) -> float | None:
+        """Seconds until the run ends, final evaluation included; None while nothing bounds it
+        (no budget and no step timed yet). Before the final evaluation: the iterations left at
+        the measured pace, capped by what is left of the budget, plus the final evaluation."""
+        if phase == "final evaluation":
+            if not done:
+                return self._final_evaluation_s()
+            return (self.clock() - self._phase_started) * (total - done) / done
+        budget_left = max(self._budget_s() - self.elapsed, 0.0)
+        step = self._step_s()
+        if step is None:
+            left = budget_left if math.isfinite(budget_left) else None
+        else:
+            by_iterations = (self.total_iterations - self.iteration) * step
+            by_iterations += self._validations_left() * self._validation_s()
+            left = min(by_iterations, budget_left)
+        return None if left is None else left + self._final_evaluation_s()
+
+    def _report(self, phase: str, done: int, total: int, **info: Any) -> None:
+        """Tell `on_progress` the phase, how far it is (`done` of `total`: iterations while
+        training, images otherwise) and `eta_s`; `progress` is elapsed / (elapsed + eta), so the
+        two agree, and it never goes back when an estimate grows."""
+        elapsed = self._tick()
+        eta = self._eta_s(phase, done, total)
+        if eta is not None:
+            self._progress = max(self._progress, elapsed / max(elapsed + eta, 1e-9))
+        self._last_report = self.clock()
         self.on_progress(
             {
+                "phase": phase,
+                "done": done,
+                "total": total,
                 "epoch": self.epoch,
                 "iteration": self.iteration,
                 "total_iterations": self.total_iterations,
-                "progress": self.iteration / self.total_iterations,
-                "elapsed_s": self.elapsed,
+                "progress": self._progress,
+                "eta_s": eta,
+                "elapsed_s": elapsed,
                 **info,
             }
         )
 
-    def _end_epoch(self, epoch_log: dict[str, Any], started: float) -> None:
+    def report_phase(self, phase: str, done: int, total: int) -> None:
+        """Progress of a phase that embeds images (a queue fill, validation, the final
+        evaluation): a bar on a terminal, `on_progress` at its start, its end and every
+        `REPORT_EVERY_S`, and a cancel check, as such a phase can take minutes. Its pace
+        per image estimates the evaluation passes to come."""
+        now = self.clock()
+        if phase != self._phase:
+            self._phase, self._phase_started = phase, now
+            disable = not self.progress_bar or self.rank != 0
+            self._bar = tqdm(total=total, desc=phase, unit="img", leave=False, disable=disable)
+        self._bar.update(done - self._bar.n)
+        finished = done >= total
+        if finished and done:
+            self._image_pass_s = (now - self._phase_started) / done
+        if not done or finished or now - self._last_report >= REPORT_EVERY_S:
+            self._report(phase, done, total)
+        stopping = self.should_stop()
+        if finished or stopping:
+            self._bar.close()
+            self._phase = None
+        if stopping:
+            raise TrainingStopped(f"stopped during the {phase}")
+
+    def _phase_progress(
+        self, phase: str, offset: int = 0, total: int | None = None
+    ) -> Callable[[int, int], None]:
+        """An `evaluate_split` progress callback for `phase`, `offset` images into `total`
+        (default: the split's size)."""
+        return lambda done, count: self.report_phase(
+            phase, offset + done, count if total is None else total
+        )
+
+    # ---------------------------------------------------------------- epoch end and final
+    def _end_epoch(
+        self, epoch_log: dict[str, Any], *, closing: bool, validate: bool = True
+    ) -> bool:
+        """Validate when due, and always when the run closes here; save `last`. True when the
+        run closes: iterations done, or the budget leaves no room for one more step and the
+        closing validation after this epoch's own."""
         cfg = self.cfg
         record: dict[str, Any] = {
             "epoch": self.epoch,
@@ -585,59 +784,98 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             **epoch_log,
         }
-        last_epoch = self.iteration >= self.total_iterations
+        due = bool(cfg.eval_every) and (self.epoch + 1) % cfg.eval_every == 0
+        closing = (
+            closing
+            or self.iteration >= self.total_iterations
+            or self._out_of_budget((self._validation_s() if due else 0.0) + self._epoch_start_s)
+        )
         if self.rank == 0:
-            eval_started = time.perf_counter()
-            due = cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0
-            if self.data.val is not None and (due or last_epoch):
-                record["val"] = self.evaluate_split(self.data.val)
+            eval_started = self.clock()
+            if self.data.val is not None and validate and (due or closing):
+                record["val"] = self.evaluate_split(
+                    self.data.val, progress=self._phase_progress("validate")
+                )
+                record["val_s"] = self.clock() - eval_started
                 score = record["val"][cfg.select_metric]
                 if score > self.best["score"]:
                     self.best = {"score": score, "epoch": self.epoch, "val": record["val"]}
                     self._save_model("best", {"epoch": self.epoch, "val": record["val"]})
             if cfg.eval_test_every and (self.epoch + 1) % cfg.eval_test_every == 0:
-                record["test"] = self.evaluate_split(self.data.test)
-            record["eval_s"] = time.perf_counter() - eval_started
+                record["test"] = self.evaluate_split(
+                    self.data.test, progress=self._phase_progress("test")
+                )
+            record["eval_s"] = self.clock() - eval_started
             self._save_model("last", {"epoch": self.epoch, "val": record.get("val")})
-            self.elapsed = time.perf_counter() - started
-            record["elapsed_s"] = self.elapsed
+            record["elapsed_s"] = self._tick()
             self.history.append(record)
             with open(self.out / METRICS_FILE, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", self.epoch, _brief(record))
+        self._tick()
         self.epoch += 1
         self.batch_in_epoch = 0
         self.save_state()
-        self._report(**{k: v for k, v in record.items() if k in ("loss", "val", "images_per_s")})
+        self._report(
+            "train",
+            self.iteration,
+            self.total_iterations,
+            **{k: v for k, v in record.items() if k in ("loss", "val", "images_per_s")},
+        )
         if self.distributed:
             dist.barrier()
+        return closing
 
-    def _finish(self, started: float) -> dict[str, Any]:
-        """Evaluate the best-by-validation and the last model on test (and train), once."""
+    def _finish(self) -> dict[str, Any]:
+        """Evaluate the best-by-validation and the last model on test (and train), once each;
+        once in all when they are the same checkpoint, whose numbers then go to both."""
         results: dict[str, Any] = {}
+        training_s = self._tick()
         if self.rank == 0:
-            if self.data.val is None or self.best["epoch"] is None:
+            same = self._final_passes() == 1
+            if self.best["epoch"] is None:
                 shutil.rmtree(self.out / "best", ignore_errors=True)
                 shutil.copytree(self.out / "last", self.out / "best")
-            for name in ("best", "last"):
+            splits = [("test", self.data.test, True)]
+            if self.cfg.eval_train:
+                splits.append(("train", self.data.train_clean, False))
+            names = ("best",) if same else ("best", "last")
+            total = len(names) * sum(len(split) for _, split, _ in splits)
+            if self.cfg.baseline is not None:
+                total += len(self.data.test)
+            log.info(
+                "final evaluation of %s on %d images",
+                "best and last, the same checkpoint," if same else "best and last",
+                total,
+            )
+            done = 0
+            for name in names:
                 model, card, extras = load_model(self.out / name)
                 self.model.load_state_dict(model.state_dict())
                 metrics = dict(card.metrics)
-                metrics["test"] = self.evaluate_split(self.data.test)
-                if self.cfg.eval_train:
-                    metrics["train"] = self.evaluate_split(self.data.train_clean, clustering=False)
+                for key, split, clustering in splits:
+                    progress = self._phase_progress("final evaluation", done, total)
+                    metrics[key] = self.evaluate_split(
+                        split, clustering=clustering, progress=progress
+                    )
+                    done += len(split)
                 self._save_model(name, metrics, extras)
                 results[name] = metrics
+            if same:
+                self._save_model("last", metrics, extras)
+                results["last"] = dict(metrics)
+            if self.cfg.baseline is not None:
+                results.update(self._compare_with_baseline(results["best"]["test"], done, total))
             results["selected_by"] = f"val {self.cfg.select_metric}" if self.data.val else "last"
             throughput = [r["images_per_s"] for r in self.history if r.get("images_per_s")]
             waits = [r["data_wait_fraction"] for r in self.history if "data_wait_fraction" in r]
             results["images_per_s"] = float(np.mean(throughput)) if throughput else None
             eval_s = sum(r.get("eval_s", 0.0) for r in self.history)
-            results["eval_fraction"] = eval_s / max(self.elapsed, 1e-9)
+            results["eval_fraction"] = eval_s / max(training_s, 1e-9)
             results["data_wait_fraction"] = float(np.mean(waits)) if waits else None
             results["iterations"] = self.iteration
             results["epochs"] = self.epoch
-            results["elapsed_s"] = time.perf_counter() - started
+            results["elapsed_s"] = self._tick()
             results["out"] = str(self.out)
             (self.out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
             (self.out / STATE_FILE).unlink(missing_ok=True)  # results.json marks the run done
@@ -645,10 +883,30 @@ class Trainer:
             dist.barrier()
         return results
 
+    def _compare_with_baseline(
+        self, test: dict[str, float], done: int, total: int
+    ) -> dict[str, Any]:
+        """The baseline artifact's test metrics (its own preprocessing, the same images and
+        protocol) and the best model's gain over it, for results.json."""
+        embeddings, labels = embed_split_with_artifact(
+            self.cfg.baseline,
+            self.data.test,
+            device=self.device,
+            batch_size=self.cfg.eval_batch_size,
+            num_workers=self.cfg.num_workers,
+            progress=self._phase_progress("final evaluation", done, total),
+        )
+        metrics = evaluate_embeddings(embeddings, labels, seed=self.cfg.seed)
+        return {
+            "baseline": {"model": str(self.cfg.baseline), "test": metrics},
+            "gain_over_baseline": {name: test[name] - metrics[name] for name in COMPARED_METRICS},
+        }
+
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """Configuration fields that must match for a resume (the budget may be extended)."""
-    return {k: v for k, v in config.items() if k not in ("time_budget_min", "num_workers")}
+    ignored = ("time_budget_min", "num_workers", "baseline")
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def _brief(record: dict[str, Any]) -> str:

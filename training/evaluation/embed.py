@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -22,8 +25,12 @@ def compute_embeddings(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     channels_last: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings float32 (N, d) L2-normalised, labels int64 (N,)) in split order."""
+    """(embeddings float32 (N, d) L2-normalised, labels int64 (N,)) in split order.
+
+    `progress(done, total)` hears how many images are embedded, before the first batch and
+    after each, so a long pass can show how far it is."""
     device = torch.device(device)
     loader = DataLoader(
         ImageDataset(split, build_test_transform(transform)),
@@ -38,12 +45,44 @@ def compute_embeddings(
     chunks = []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    report = progress or (lambda done, total: None)
+    done = 0
+    report(done, len(split))
     try:
         for images, _, _ in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             with autocast:
                 chunks.append(model.embed(images).float().cpu())
+            done += len(images)
+            report(done, len(split))
     finally:
         model.train(was_training)
     embeddings = torch.cat(chunks).numpy() if chunks else np.zeros((0, model.embedding_dim))
     return embeddings.astype(np.float32, copy=False), np.asarray(split.labels, dtype=np.int64)
+
+
+def embed_split_with_artifact(
+    model_dir: Path,
+    split: Split,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+    num_workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`compute_embeddings` with a saved model artifact and the preprocessing its card records:
+    how `lookalike evaluate`/`embed`, the service's evaluate and train jobs and its reports embed
+    a split, so they all measure a model the same way."""
+    from training.checkpoint import load_model
+
+    model, card, _ = load_model(model_dir)
+    device = torch.device(device)
+    return compute_embeddings(
+        model.to(device),
+        split,
+        card.preprocessing.transform_config(),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+    )

@@ -44,15 +44,22 @@ class DaNCELoss(nn.Module):
     gradient) follow the inverse density of distances on the unit sphere in D dimensions
     (D = the query dimension), as in distance-weighted sampling: d_ij = |q_i - k_j| clamped below
     at `lower_cutoff`, log w = (2 - D) log d - ((D - 3) / 2) log(1 - d^2 / 4), w = 0 beyond
-    `upper_cutoff`, w >= 1e-45, normalised over the queue *per query* (DiVA's `--diva_fixed`,
-    the paper's intent; the original code normalised per queue column with a global max).
+    `upper_cutoff`, w >= 1e-45, then normalised.
+
+    `normalise="batch"` (the default) is what DiVA's released code computes and what its
+    published numbers come from (`criteria/fast_moco.py`: `w / w.sum(dim=0)`): each queue key's
+    weights sum to 1 over the B queries of the batch, so a key near a few queries keeps weights
+    of order 1 on them (the inverse density is sharply peaked) and every key keeps about 1/B.
+    `normalise="row"` (DiVA's `--diva_fixed`) makes each query's weights sum to 1 over the N
+    queue keys instead: one unit spread over thousands of keys flattens every negative logit
+    to ~0, and once the positive is aligned the loss is ~log(1 + N exp(-1/tau)) ~ 0 whatever
+    the negatives are (docs/results.md measured it at 0.000 from epoch 2).
+
     Because w scales the similarity, not the exponential, a zero-weighted key still adds
-    exp(0) = 1 to the softmax denominator (methods.md §1.2 item 4), and with ~1/N weights every
-    negative logit is ~0: once the positive is aligned the loss is ~log(1 + N exp(-1/tau)) ~ 0
-    whatever the negatives are (docs/results.md). `weighting="logit"` (not in DiVA's code) puts
-    the weights on the exponential instead, logit_j = q.k_j / tau + log(N w_ij): an importance-
-    weighted InfoNCE whose zero-weighted keys drop out and whose uniform weights give plain
-    InfoNCE.
+    exp(0) = 1 to the softmax denominator. `weighting="logit"` (not in DiVA's code) puts the
+    weights on the exponential instead, logit_j = q.k_j / tau + log(w_ij / mean(w)): an
+    importance-weighted InfoNCE whose zero-weighted keys drop out and whose uniform weights
+    give plain InfoNCE.
     """
 
     def __init__(
@@ -62,14 +69,21 @@ class DaNCELoss(nn.Module):
         lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
         upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
         weighting: Literal["similarity", "logit"] = "similarity",  # DiVA's code (§1.2 item 4)
+        normalise: Literal["batch", "row"] = "batch",  # DiVA's released code (§1.2 item 4)
     ) -> None:
         super().__init__()
         if weighting not in ("similarity", "logit"):
             raise ValueError(f"weighting must be 'similarity' or 'logit', got {weighting!r}")
+        if normalise not in ("batch", "row"):
+            raise ValueError(f"normalise must be 'batch' or 'row', got {normalise!r}")
         self.weighting = weighting
+        self.normalise = normalise
         self.temperature = temperature
         self.lower_cutoff = lower_cutoff
         self.upper_cutoff = upper_cutoff
+        # The B x N weights of the latest forward (no gradient), kept for diagnostics: a caller
+        # can log how many negatives carry weight without computing them again.
+        self.last_weights: Tensor | None = None
 
     def forward(self, queries: Tensor, keys: Tensor, queue: Tensor) -> Tensor:
         """Loss of unit-norm `queries` (B x D), their positive `keys` (B x D), `queue` (N x D)."""
@@ -80,27 +94,30 @@ class DaNCELoss(nn.Module):
             positive = (queries * keys).sum(dim=1, keepdim=True)
             similarities = queries @ queue.T
             weights = self.negative_weights(similarities.detach(), queries.shape[1])
+            self.last_weights = weights
             if self.weighting == "similarity":
                 negatives = similarities * weights / self.temperature
             else:
-                negatives = similarities / self.temperature + (weights * len(queue)).log()
+                negatives = similarities / self.temperature + (weights / weights.mean()).log()
             logits = torch.cat([positive / self.temperature, negatives], dim=1)
             targets = torch.zeros(len(queries), dtype=torch.long, device=queries.device)
             return F.cross_entropy(logits, targets)
 
     def negative_weights(self, similarities: Tensor, dim: int) -> Tensor:
-        """Per-row normalised weights of the queue keys from their cosine similarities."""
+        """Normalised weights (B x N) of the queue keys from their cosine similarities."""
         distances = (2.0 - 2.0 * similarities).clamp(min=0.0).sqrt().clamp(min=self.lower_cutoff)
         one_minus = (1.0 - distances.square() / 4.0).clamp(min=torch.finfo(distances.dtype).tiny)
         log_weights = (2.0 - dim) * distances.log() - ((dim - 3.0) / 2.0) * one_minus.log()
         log_weights = log_weights.masked_fill(distances > self.upper_cutoff, -math.inf)
-        # The max is taken over the kept keys only: after the normalisation this equals DiVA's
-        # max over all keys, but a far key (whose log-weight grows again towards d = 2) can no
-        # longer underflow every kept weight to the 1e-45 floor.
-        row_max = log_weights.amax(dim=1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = (log_weights - row_max).exp().clamp(min=1e-45)
-        return weights / weights.sum(dim=1, keepdim=True)
+        # DiVA subtracts one global max over all pairs. The max here is taken per normalised
+        # group (column or row) and over the kept keys only: after the normalisation the result
+        # is the same, but a far key (whose log-weight grows again towards d = 2), or a distant
+        # group, can no longer underflow every kept weight to the 1e-45 floor.
+        axis = 0 if self.normalise == "batch" else 1
+        group_max = log_weights.amax(dim=axis, keepdim=True)
+        group_max = torch.where(torch.isfinite(group_max), group_max, torch.zeros_like(group_max))
+        weights = (log_weights - group_max).exp().clamp(min=1e-45)
+        return weights / weights.sum(dim=axis, keepdim=True)
 
 
 class AdversarialDecorrelation(nn.Module):

@@ -87,6 +87,22 @@ class DiVAHead(nn.Module):
         return outputs
 
 
+def gradient_norms(terms: dict[str, Tensor], features: Tensor) -> dict[str, Tensor]:
+    """L2 norm of each loss term's gradient with respect to `features`, as `grad_norm_<name>`.
+
+    Every DiVA head reads the pooled backbone features, so the norms compare how hard each term
+    pushes the shared backbone; a term near 0 has stopped training it, whatever its loss value.
+    `torch.autograd.grad` writes no .grad and runs only the graph between the terms and the
+    features (heads, losses, regressors), not the backbone's.
+    """
+    return {
+        f"grad_norm_{name}": torch.linalg.vector_norm(
+            torch.autograd.grad(term, features, retain_graph=True)[0]
+        )
+        for name, term in terms.items()
+    }
+
+
 @register_method
 class DiVA(Method):
     """The four DiVA tasks plus decorrelation (methods.md §1.4):
@@ -123,6 +139,7 @@ class DiVA(Method):
         dance_lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
         dance_upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
         dance_weighting: Literal["similarity", "logit"] = "similarity",  # see DaNCELoss
+        dance_normalise: Literal["batch", "row"] = "batch",  # DiVA's released code, DaNCELoss
         margin: float = 0.2,  # DiVA --loss_margin_margin (methods.md §1.2)
         beta_init: float = 1.2,  # DiVA --loss_margin_beta (methods.md §1.2)
         beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (methods.md §1.2)
@@ -146,6 +163,7 @@ class DiVA(Method):
             dance_lower_cutoff=dance_lower_cutoff,
             dance_upper_cutoff=dance_upper_cutoff,
             dance_weighting=dance_weighting,
+            dance_normalise=dance_normalise,
             margin=margin,
             beta_init=beta_init,
             beta_lr=beta_lr,
@@ -185,6 +203,7 @@ class DiVA(Method):
             lower_cutoff=dance_lower_cutoff,
             upper_cutoff=dance_upper_cutoff,
             weighting=dance_weighting,
+            normalise=dance_normalise,
         )
         self.decorrelation = AdversarialDecorrelation(
             DECORRELATIONS, rhos, embedding_dim, hidden_dim=regressor_hidden_dim
@@ -243,16 +262,28 @@ class DiVA(Method):
             "intra": self.intra_loss(embeddings["intra"], labels),
         }
         decorrelation = self.decorrelation(embeddings)
+        terms = {  # each term as it enters the total, for the gradient norms
+            "discriminative": losses["discriminative"],
+            "selfsimilarity": self.alpha_ssl * losses["selfsimilarity"],
+            "shared": self.alpha_shared * losses["shared"],
+            "intra": self.alpha_intra * losses["intra"],
+            **{f"decorrelation_{k}": value for k, value in decorrelation.items()},
+        }
         total = (
-            losses["discriminative"]
-            + self.alpha_ssl * losses["selfsimilarity"]
-            + self.alpha_shared * losses["shared"]
-            + self.alpha_intra * losses["intra"]
+            terms["discriminative"]
+            + terms["selfsimilarity"]
+            + terms["shared"]
+            + terms["intra"]
             + sum(decorrelation.values())
         )
         self._pending_keys = keys
         logs = {f"loss_{name}": value.detach() for name, value in losses.items()}
         logs.update({f"decorrelation_{k}": value.detach() for k, value in decorrelation.items()})
+        # So that a dead term shows in metrics.jsonl whatever its loss value: how many queue
+        # negatives still carry DaNCE weight, and how hard each term pushes the backbone.
+        heavy = (self.dance_loss.last_weights > 0.01).sum(dim=1)
+        logs["dance_negatives_weight_gt_0.01"] = heavy.float().mean()
+        logs.update(gradient_norms(terms, outputs["features"]))
         return total, logs
 
     @torch.no_grad()
@@ -287,6 +318,8 @@ class DiVA(Method):
         The batches are an independent P x K draw (seed + 1, as DiVA fills its queue with a
         separate pass of its random sampler); the augmentations run under a forked, seeded RNG,
         so the fill is reproducible and leaves the global RNG that the miners use untouched.
+        It can take minutes on a CPU, so it reports its progress as the trainer's "queue" phase
+        (which counts against the time budget).
         """
         if self.key_model is None:
             raise RuntimeError("DiVA.setup(trainer) must run before the queue is filled")
@@ -312,10 +345,14 @@ class DiVA(Method):
         )
         log.info("filling the DaNCE queue with %d keys", len(self.queue))
         keys = []
+        filled = 0
+        trainer.report_phase("queue", filled, len(self.queue))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             for images, _, _ in loader:
                 images = images.to(trainer.device).contiguous(memory_format=memory_format)
                 with autocast:
                     keys.append(self.key_model(images)["selfsimilarity"].float())
+                filled += len(images)
+                trainer.report_phase("queue", filled, len(self.queue))
         self.queue.copy_(torch.cat(keys))

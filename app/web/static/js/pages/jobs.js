@@ -4,8 +4,10 @@
 import { get, post, request } from "../api.js";
 import { badge, definitionList, empty, errorBox, field, fmt, h, metric, progressBar, rerender, select, table, toast, when } from "../ui.js";
 
-const METHODS = ["margin", "triplet", "contrastive", "npair", "diva", "dvml", "magnet"];
-const PRESETS = ["icons", "cjk", "cub200", "cars196", "sop", "diva-cub200", "diva-cars196", "diva-sop"];
+// "" (the default) lets the server choose the best method measured for the dataset's kind of
+// data (DVML+margin: preset dvml-icons, dvml-cjk or dvml; docs/results.md).
+const METHODS = [["", "recommended for the dataset"], "margin", "triplet", "contrastive", "npair", "diva", "dvml", "magnet"];
+const PRESETS = ["dvml-icons", "dvml-cjk", "dvml", "icons", "cjk", "diva-icons", "diva-cjk", "cub200", "cars196", "sop", "diva-cub200", "diva-cars196", "diva-sop"];
 const ACTIVE = new Set(["queued", "running"]);
 const POLL_ACTIVE_MS = 1000;
 const POLL_IDLE_MS = 5000;
@@ -19,7 +21,11 @@ function detailOfJob(job) {
 
 function paramsSummary(job) {
   const p = job.params || {};
-  if (job.type === "train") return `${p.method || "margin"} on dataset ${p.dataset_id}${p.preset ? `, preset ${p.preset}` : ""}`;
+  if (job.type === "train") {
+    const method = p.method || job.result?.method || (p.preset ? "the preset's method" : "the recommended method");
+    const preset = p.preset || job.result?.preset;
+    return `${method} on dataset ${p.dataset_id}${preset ? `, preset ${preset}` : ""}`;
+  }
   if (job.type === "evaluate") return `model ${p.model_id} on dataset ${p.dataset_id} (${p.split || "test"})`;
   if (job.type === "index") return `gallery ${p.gallery_id} → model ${p.model_id}`;
   if (job.type === "import") return `gallery ${p.gallery_id}${p.folder ? ` from ${p.folder}` : " from an archive"}`;
@@ -112,7 +118,7 @@ export async function jobsPage(main, { query, navigate, setCleanup }) {
   if (ready.length) {
     const dataset = select(datasetOptions, { id: "train-dataset" });
     const method = select(METHODS, { id: "train-method" });
-    const preset = h("input", { id: "train-preset", type: "text", list: "presets", placeholder: "none", autocomplete: "off" });
+    const preset = h("input", { id: "train-preset", type: "text", list: "presets", placeholder: "recommended", autocomplete: "off" });
     const presets = h("datalist", { id: "presets" }, PRESETS.map((p) => h("option", { value: p })));
     const budgetKind = select([["iterations", "iterations"], ["epochs", "epochs"], ["time_budget_min", "minutes"]], { id: "train-budget-kind" });
     const budget = h("input", { id: "train-budget", type: "number", min: 1, step: "any", placeholder: "preset's default" });
@@ -122,7 +128,7 @@ export async function jobsPage(main, { query, navigate, setCleanup }) {
       "form",
       { class: "panel", id: "train-form" },
       h("h2", {}, "Train a model"),
-      h("div", { class: "row" }, field("Dataset", dataset), field("Method", method), field("Preset", preset, "icons, cub200, … or empty")),
+      h("div", { class: "row" }, field("Dataset", dataset), field("Method", method), field("Preset", preset, "dvml-icons, cub200, … or empty")),
       presets,
       h("div", { class: "row" }, field("Budget", budget), field("Budget unit", budgetKind), field("Model name", name)),
       field("More hyperparameters (JSON)", extra, "Any training option, e.g. lr, batch_size, image_size, eval_train."),
@@ -143,7 +149,8 @@ export async function jobsPage(main, { query, navigate, setCleanup }) {
         }
       }
       if (budget.value) hyperparameters[budgetKind.value] = Number(budget.value);
-      const params = { dataset_id: parseInt(dataset.value, 10), method: method.value, hyperparameters };
+      const params = { dataset_id: parseInt(dataset.value, 10), hyperparameters };
+      if (method.value) params.method = method.value;
       if (preset.value.trim()) params.preset = preset.value.trim();
       if (name.value.trim()) params.model_name = name.value.trim();
       try {
@@ -250,6 +257,7 @@ export async function jobPage(main, jobId, { setCleanup }) {
       active && !job.cancel_requested ? h("div", { class: "actions" }, h("button", { type: "button", class: "danger", id: "cancel-job", onclick: () => cancelJob(job, refresh) }, "Cancel job")) : null,
       job.cancel_requested && active ? h("p", { class: "hint" }, "Cancel requested: the job stops at its next step.") : null,
       links(job),
+      job.result?.baseline ? comparisonView(job.result) : null,
       job.metrics ? [h("h2", {}, "Latest metrics"), metricsView(job.metrics)] : null,
       job.result ? h("details", {}, h("summary", { dataset: { focusKey: "result" } }, "Result (JSON)"), h("pre", { class: "json" }, JSON.stringify(job.result, null, 2))) : null,
       h("details", {}, h("summary", { dataset: { focusKey: "params" } }, "Parameters (JSON)"), h("pre", { class: "json" }, JSON.stringify(job.params, null, 2))),
@@ -287,6 +295,24 @@ function links(job) {
     items.push(h("a", { class: "button secondary", href: `#/galleries/${job.params.gallery_id}` }, "Open the gallery"));
   }
   return items.length ? h("div", { class: "actions" }, items) : null;
+}
+
+/** The trained model against its baseline (the built-in model unless the job named one) on the
+ * same test images, from a train job's result. */
+function comparisonView(result) {
+  const baseline = result.baseline;
+  const kind = baseline.builtin ? "built-in" : "baseline";
+  const rows = [
+    { model: `${baseline.model_name} (${kind})`, ...baseline.metrics },
+    { model: `${result.model_name} (trained)`, ...result.metrics.test },
+  ];
+  const columns = [{ title: "Model", cell: (row) => row.model }];
+  for (const [name, title] of [["recall@1", "Recall@1"], ["map@r", "MAP@R"]]) {
+    columns.push({ title, class: "num", cell: (row) => metric(row[name]) });
+  }
+  const gain = result.gain_over_baseline["recall@1"];
+  const verdict = gain > 0 ? `Training helped: Recall@1 +${fmt(gain, 3)}.` : `Training did not help: Recall@1 ${fmt(gain, 3)}; keep the ${kind} model for searches.`;
+  return h("section", { id: "baseline-comparison" }, h("h2", {}, `Compared with the ${kind} model`), table(columns, rows, { caption: "Test split (classes never seen in training)" }), h("p", {}, verdict));
 }
 
 function metricsView(metrics) {
