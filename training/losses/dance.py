@@ -51,9 +51,14 @@ class DaNCELoss(nn.Module):
     weights sum to 1 over the B queries of the batch, so a key near a few queries keeps weights
     of order 1 on them (the inverse density is sharply peaked) and every key keeps about 1/B.
     `normalise="row"` (DiVA's `--diva_fixed`) makes each query's weights sum to 1 over the N
-    queue keys instead: one unit spread over thousands of keys flattens every negative logit
-    to ~0, and once the positive is aligned the loss is ~log(1 + N exp(-1/tau)) ~ 0 whatever
-    the negatives are (docs/results.md measured it at 0.000 from epoch 2).
+    queue keys instead: one unit spread over thousands of keys, which flattens most negative
+    logits to ~0.
+
+    Either way w <= 1 scales the similarity, so no negative logit exceeds q.k_j / tau, and
+    with tau = 0.01 the loss is ~0 as soon as the positive view is the most similar key. On
+    IconThemes the sample-specific head also collapses (most pairs closer than the 0.5 cutoff,
+    so the weights flatten to ~1/B): the loss is 0.0000 from the second epoch with either
+    normalisation at tau = 0.01, and 2.8 at tau = 0.2 (docs/results.md, issue 15).
 
     Because w scales the similarity, not the exponential, a zero-weighted key still adds
     exp(0) = 1 to the softmax denominator. `weighting="logit"` (not in DiVA's code) puts the
