@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-TRAIN_MINUTES ?= 4
+TRAIN_MINUTES ?= 5
 
 # The product on this machine: IconThemes (cached), the API with its workers on
 # http://127.0.0.1:8000 (state in ./var), a gallery of the test split, a DVML+margin job of

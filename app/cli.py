@@ -246,7 +246,7 @@ def demo(
     train_minutes: Annotated[
         float,
         typer.Option(min=0.1, help="time budget of the demo's training job (validation included)"),
-    ] = 4.0,
+    ] = 5.0,
     method: Annotated[
         str | None,
         typer.Option(

@@ -173,7 +173,7 @@ def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     method: str | None = None,
-    train_minutes: float = 4.0,
+    train_minutes: float = 5.0,
     train: bool = True,
 ) -> None:
     from app.cli import serve_processes
