@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
+from app.db.migrate import upgrade
 from app.main import create_app
+from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder
 from training.checkpoint import ModelCard, Preprocessing, save_artifact
 from training.models.embedding import EmbeddingModel, ModelSpec
@@ -78,6 +81,17 @@ def worker_settings(root: Path, **overrides) -> Settings:
         "job_heartbeat_timeout_s": 4.0,
     }
     return Settings(**{**defaults, **overrides})
+
+
+@contextmanager
+def migrated_runtime(settings: Settings) -> Iterator[Runtime]:
+    """A worker's `Runtime` on a freshly migrated database, closed afterwards."""
+    upgrade(settings)
+    started = Runtime.start(settings)
+    try:
+        yield started
+    finally:
+        started.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,22 +10,18 @@ from typing import Any
 
 import pytest
 
-from app.db.migrate import upgrade
 from app.db.models import Job
 from app.services.jobs import now
 from app.services.runtime import Runtime
 from app.worker.runner import JobRun, claim
 from app.worker.tasks import training_reporter
-from tests.app.conftest import worker_settings
+from tests.app.conftest import migrated_runtime, worker_settings
 
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    settings = worker_settings(tmp_path)
-    upgrade(settings)
-    started = Runtime.start(settings)
-    yield started
-    started.close()
+    with migrated_runtime(worker_settings(tmp_path)) as started:
+        yield started
 
 
 def _seconds_left(runtime: Runtime, job_id: int) -> float:

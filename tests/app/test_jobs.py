@@ -25,13 +25,12 @@ from fastapi.testclient import TestClient
 
 from app.cli import serve_processes, settings_env
 from app.core.config import Settings
-from app.db.migrate import upgrade
 from app.db.models import Job
 from app.main import create_app
 from app.services.jobs import fail_lost_jobs, fail_worker_jobs, now
 from app.services.runtime import Runtime
 from app.worker.runner import claim
-from tests.app.conftest import png, worker_settings
+from tests.app.conftest import migrated_runtime, png, worker_settings
 from tests.conftest import free_port, write_image_folder
 
 REDIS_DB = 13  # nobody else on this machine uses it; keys also carry a per-run prefix
@@ -474,11 +473,8 @@ def test_a_killed_prefork_child_fails_its_job_at_once(tmp_path):
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    settings = make_settings(tmp_path)
-    upgrade(settings)
-    started = Runtime.start(settings)
-    yield started
-    started.close()
+    with migrated_runtime(make_settings(tmp_path)) as started:
+        yield started
 
 
 def _job(runtime: Runtime, **values) -> int:
