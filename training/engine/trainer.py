@@ -245,8 +245,14 @@ class Trainer:
         seed_everything(cfg.seed)
 
         self.out = Path(cfg.out or Path("runs") / f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if cfg.baseline is not None:
-            read_card(cfg.baseline)  # a missing or broken artifact fails now, not after training
+        # The baseline's input pixels per image over this model's: what an image costs it in
+        # the final evaluation. Reading its card now also fails a missing or broken artifact
+        # before training rather than after.
+        self._baseline_pixel_ratio = (
+            None
+            if cfg.baseline is None
+            else (read_card(cfg.baseline).preprocessing.image_size / cfg.image_size) ** 2
+        )
         self.data = prepare_data(cfg)
         train = self.data.train
         self.method = build_method(
@@ -687,14 +693,9 @@ class Trainer:
         image = self._image_s()
         images = len(self.data.test) + (len(self.data.train_clean) if self.cfg.eval_train else 0)
         images *= self._final_passes()
-        if self.cfg.baseline is not None:  # its pixels per image may differ from ours
-            images += len(self.data.test) * self._baseline_pixel_ratio()
+        if self._baseline_pixel_ratio is not None:
+            images += len(self.data.test) * self._baseline_pixel_ratio
         return 0.0 if image is None else image * images
-
-    def _baseline_pixel_ratio(self) -> float:
-        """The baseline's input pixels per image over this model's: what an image costs it."""
-        card = read_card(self.cfg.baseline)
-        return (card.preprocessing.image_size / self.cfg.image_size) ** 2
 
     def _eta_s(self, phase: str, done: int, total: int) -> float | None:
         """Seconds until the run ends, final evaluation included; None while nothing bounds it
