@@ -19,7 +19,6 @@ run only starts the server. All state lives in Settings.data_dir (default ./var)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import mimetypes
@@ -288,7 +287,9 @@ def held_out_query(test: Path) -> Path:
 
 def hold_out(client: Client, gallery_id: int, query: Path) -> None:
     """Delete the query's image from the gallery, if it is there (found by content hash)."""
-    digest = hashlib.sha256(query.read_bytes()).hexdigest()
+    from app.imaging import content_hash  # the digest the service stores for every image
+
+    digest = content_hash(query.read_bytes())
     label = query.parent.name
     page = client.get(f"/api/v1/galleries/{gallery_id}/images?label={quote(label)}&limit=1000")
     for image in page["items"]:
