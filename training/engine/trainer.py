@@ -6,8 +6,8 @@ What it does beyond the textbook loop, and why:
   and crops the uninterrupted run would have seen.
 - Model selection uses the class-disjoint validation split only; the test split is embedded for
   the best and last models at the end (and every `eval_test_every` epochs if asked), so it is
-  never used to choose a model (MLRC, methods.md §4.4) and costs two passes, not one per epoch
-  (one when best and last are the same checkpoint).
+  never used to choose a model (Musgrave et al., "A Metric Learning Reality Check", 2020) and
+  costs two passes, not one per epoch (one when best and last are the same checkpoint).
 - One process per device under `torchrun` (DistributedDataParallel, gloo on CPU, NCCL on GPU);
   `batch_size` is per process.
 - `time_budget_min` covers the method's start-up (DiVA's queue fill), training and every
