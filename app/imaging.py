@@ -1,4 +1,4 @@
-"""Decoding untrusted uploads into RGB images (serving.md section 5).
+"""Decoding untrusted uploads into RGB images (docs/service.md, "Upload hardening").
 
 Only the formats in `ACCEPTED_FORMATS` are ever handed to a decoder; the pixel count is checked
 right after the header is parsed and before any pixel is decoded (a per-call cap, so Pillow's

@@ -2,13 +2,13 @@
 
 One `GalleryIndex` per (gallery, model version); `IndexStore` keeps them in memory and on disk.
 The database stays the source of truth: a snapshot records (in `meta`) what it contains, and the
-service replays what it lacks (serving.md section 2, the shared contract).
+service replays what it lacks (docs/service.md, "Durability design").
 
-Index types (serving.md 2.1): `flat` = `IDMap2,Flat` with inner product, exact (the default);
-`hnsw` = `IDMap2,HNSW32,Flat`, approximate, fast at large sizes, cannot delete (removals are
-tombstones until a rebuild); `ivfpq` = IVF-PQ with its own ids and a hashtable direct map,
-compressed, approximate, trained on the vectors given to `build` (a flat index below
-`IVFPQ_MIN_TRAIN` vectors, with the reason in `note`).
+Index types (FAISS wiki, "Guidelines to choose an index"): `flat` = `IDMap2,Flat` with inner
+product, exact (the default); `hnsw` = `IDMap2,HNSW32,Flat`, approximate, fast at large sizes,
+cannot delete (removals are tombstones until a rebuild); `ivfpq` = IVF-PQ with its own ids and
+a hashtable direct map, compressed, approximate, trained on the vectors given to `build` (a
+flat index below `IVFPQ_MIN_TRAIN` vectors, with the reason in `note`).
 
 Scores are cosine similarities: vectors are L2-normalised on `add` and queries on `search`.
 

@@ -335,9 +335,9 @@ def located(path: Path, name: str | None = None) -> cjk.LocatedFont:
     return cjk.LocatedFont(cjk.FontSource("pkg", name or path.name), path, "1.0")
 
 
-def test_core_han_characters_match_data_md():
+def test_core_han_characters_match_docs_benchmarks():
     characters = cjk.core_han_characters()
-    assert len(characters) == 1583  # data.md
+    assert len(characters) == 1583  # docs/benchmarks.md
     assert all(0x4E00 <= ord(c) <= 0x9FFF for c in characters)
     assert {"一", "人", "日", "山"} <= set(characters)
 
@@ -345,7 +345,7 @@ def test_core_han_characters_match_data_md():
 def test_cjk_split_and_max_classes_depend_only_on_the_characters():
     characters = cjk.core_han_characters()
     train, test = cjk.split_characters(characters)
-    assert (len(train), len(test)) == (791, 792)  # data.md
+    assert (len(train), len(test)) == (791, 792)  # docs/benchmarks.md
     assert not set(train) & set(test)
     assert cjk.split_characters(list(reversed(characters))) == (train, test)
     selected = cjk.select_characters(characters, 5)

@@ -1,4 +1,4 @@
-"""DiVA (methods.md §1): its losses, miners, head, momentum encoder and queue, and a CLI run."""
+"""DiVA (Milbich et al. 2020): its losses, miners, head, momentum encoder and queue, a CLI run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DVML (methods.md §2): its head, its four losses, the two phases and end-to-end training."""
+"""DVML (Lin et al. 2018): its head, its four losses, the two phases and end-to-end training."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_rec_loss_reaches_the_encoders_in_phase_2_only():
     for encoder in (model.head.invariant, model.head.mean, model.head.log_variance):
         assert gradient_size(encoder.weight) == 0  # the decoder input z is detached
     assert gradient_size(model.head.decoder[0].weight) > 0
-    assert gradient_size(features) > 0  # the target h is not detached (public codes, §2.6)
+    assert gradient_size(features) > 0  # the target h is not detached (public codes)
 
     model, _, _, _ = step(only("rec"), phase=2)
     for encoder in (model.head.invariant, model.head.mean, model.head.log_variance):

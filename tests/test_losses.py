@@ -231,7 +231,7 @@ def sphere_batch(distances: list[float], dim: int) -> tuple[torch.Tensor, torch.
 
 
 def formula_probabilities(distances: list[float], dim: int, lower_cutoff: float) -> list[float]:
-    """q(d)^-1 normalised, written out from methods.md §1.2."""
+    """q(d)^-1 normalised, written out from Wu et al. 2017 (as in DiVA's batchminer/distance.py)."""
     weights = []
     for d in distances:
         d = max(d, lower_cutoff)

@@ -1,4 +1,4 @@
-"""Magnet loss, its cluster index and sampler, the cluster classifier, and a CLI run (§3)."""
+"""Magnet loss (Rippel et al. 2016), its cluster index and sampler, cluster classifier, CLI run."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`TrainConfig`: every knob of a training run in one validated place.
 
-Defaults are the published DiVA/Margin values (methods.md §1.4-1.5) unless noted; presets in
+Defaults are the published DiVA/Margin values (DiVA's parameters.py) unless noted; presets in
 `training/presets/*.json` adapt them to a dataset and a budget. Precedence: defaults < preset
 < config file < command-line options.
 """
@@ -34,18 +34,18 @@ class TrainConfig(BaseModel):
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     pooling: Literal["avg", "avgmax"] = "avg"
-    embedding_dim: int = Field(128, ge=1)  # Wu et al. 2017, Sec. 5; DiVA per-head size (§1.1)
-    frozen_bn: bool = False  # DiVA R50 runs use frozen BN (methods.md §1.1)
+    embedding_dim: int = Field(128, ge=1)  # Wu et al. 2017, Sec. 5; DiVA per-head size
+    frozen_bn: bool = False  # DiVA R50 runs use frozen BN (arch resnet50_frozen_normalize)
 
     # Data and augmentation.
-    image_size: int = Field(224, ge=32)  # the papers' crop (methods.md §4.1); 112-160 on CPU
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # torchvision default, as DiVA (§1.6)
+    image_size: int = Field(224, ge=32)  # the papers' crop (DiVA, MLRC); 112-160 on CPU
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # torchvision default, as DiVA's code
     hflip: float = Field(0.5, ge=0, le=1)
-    test_crop_pct: float = Field(0.875, gt=0, le=1)  # Resize(256) + CenterCrop(224), §4.1
+    test_crop_pct: float = Field(0.875, gt=0, le=1)  # Resize(256) + CenterCrop(224)
     interpolation: Literal["bilinear", "bicubic"] | None = None  # None: the backbone's own
-    batch_size: int = Field(112, ge=2)  # DiVA, methods.md §1.4
-    samples_per_class: int = Field(2, ge=2)  # DiVA: 56 classes x 2 images (§1.4)
-    val_fraction: float = Field(0.25, ge=0, lt=1)  # one of MLRC's 4 class-disjoint folds (§4.4)
+    batch_size: int = Field(112, ge=2)  # DiVA parameters.py
+    samples_per_class: int = Field(2, ge=2)  # DiVA: 56 classes x 2 images
+    val_fraction: float = Field(0.25, ge=0, lt=1)  # one of MLRC's 4 class-disjoint folds
     val_group_separator: str | None = None  # keep classes sharing a name prefix on one side
     label_noise: float = Field(0.0, ge=0, le=1)  # Zhang et al. 2017 memorisation check
     max_classes: int | None = Field(None, ge=2)  # first N classes (sorted) of each split
@@ -55,14 +55,14 @@ class TrainConfig(BaseModel):
     epochs: int | None = Field(None, ge=1)
     iterations: int | None = Field(None, ge=1)
     time_budget_min: float | None = Field(None, gt=0)
-    iterations_per_epoch: int | None = Field(None, ge=1)  # default: N_train // batch (§1.4)
-    optimizer: Literal["adam", "adamw"] = "adam"  # DiVA uses Adam (§1.4)
-    lr: float = Field(1e-5, gt=0)  # DiVA backbone + heads (§1.4)
+    iterations_per_epoch: int | None = Field(None, ge=1)  # default: N_train // batch (DiVA)
+    optimizer: Literal["adam", "adamw"] = "adam"  # DiVA uses Adam (diva_main.py)
+    lr: float = Field(1e-5, gt=0)  # DiVA backbone + heads (parameters.py)
     head_lr: float | None = Field(None, gt=0)  # None: same as lr
-    weight_decay: float = Field(4e-4, ge=0)  # DiVA (§1.4)
+    weight_decay: float = Field(4e-4, ge=0)  # DiVA (parameters.py)
     schedule: Literal["step", "cosine", "none"] = "step"
-    milestones: list[int] = Field(default_factory=list)  # epochs; DiVA "tau" (§1.5)
-    gamma: float = Field(0.3, gt=0, le=1)  # DiVA SOP/BN-Inception (§1.5)
+    milestones: list[int] = Field(default_factory=list)  # epochs; DiVA "tau" (parameters.py)
+    gamma: float = Field(0.3, gt=0, le=1)  # DiVA SOP/BN-Inception sample runs
     warmup_iterations: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = True  # bf16 autocast, CUDA only

@@ -1,4 +1,4 @@
-"""Upload size limits enforced while the body streams in (serving.md section 5).
+"""Upload size limits enforced while the body streams in (docs/service.md, "Upload hardening").
 
 Starlette has no file-size cap: it spools every part to a temporary file. This middleware
 answers 413 before the route runs when Content-Length is over the request limit, and otherwise

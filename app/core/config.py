@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         "(DATA_DIR/api_key, printed once) and require it; false leaves every route open.",
     )
 
-    # Upload hardening (serving.md section 5).
+    # Upload hardening (docs/service.md, "Upload hardening").
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Per-file upload limit (413).")
     max_request_bytes: int = Field(200 * 1024 * 1024, description="Whole-request limit (413).")
     max_image_pixels: int = Field(

@@ -1,4 +1,5 @@
-"""The Celery application, configured from Settings only (serving.md §3).
+"""The Celery application, configured from Settings only, after Celery's user guide
+(optimizing.rst, routing.rst) and its Redis broker docs (redis.rst).
 
 - Two queues: `gpu` (train, evaluate: one at a time on a `--pool solo -c 1` worker) and `cpu`
   (index, import, dataset builds), so cheap jobs are never stuck behind a training run.

@@ -5,7 +5,7 @@ The per-process `Runtime` (DB engine, embedder and index caches) is built by the
 never at import or in the prefork parent, and models load in the first job that needs them:
 CUDA must not be initialised before a fork (importing torch does not; loading a model on the
 GPU does), and Celery kills `worker_process_init` handlers that block for more than 4 s
-(serving.md §3).
+(Celery docs, userguide/signals.rst).
 """
 
 from __future__ import annotations

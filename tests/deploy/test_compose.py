@@ -223,7 +223,7 @@ def test_workers_parse_with_the_real_cli_and_serve_every_queue(files: tuple[Path
         test = " ".join(service["healthcheck"]["test"])
         assert f"--destination {node.replace('%h', '$HOSTNAME')} " in test, (name, test)
         if "gpu" in queues:
-            # One job at a time, in the main process (serving.md section 3).
+            # One job at a time, in the main process (docs/jobs.md, "Workers and queues").
             assert str(option(ctx, "concurrency")) == "1", name
             assert str(option(ctx, "pool")) == "solo", name
     assert workers >= 2

@@ -3,7 +3,8 @@
 Supported layouts: an ImageFolder tree (`root/<class>/<image>`), a CSV or JSONL manifest, and the
 three standard DML benchmarks in the layout their archives extract to (CUB-200-2011, Cars196 with
 `cars_annos.mat`, Stanford Online Products). Benchmarks are split by class into train and test as
-the DML literature does (methods.md §4.1): zero-shot retrieval, no class shared between the two.
+the DML literature does (e.g. DiVA's and PML's dataset code): zero-shot retrieval, no class
+shared between the two.
 Every malformed input raises `DatasetError` with a one-line message that says what to fix.
 """
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-# Class-id ranges of the DML train/test splits (methods.md §4.1, the convention of DiVA and PML).
+# Class-id ranges of the DML train/test splits (the convention of DiVA's datasets/ and PML's).
 CUB200_LAST_TRAIN_CLASS = 100  # classes 1-100 train, 101-200 test
 CARS196_LAST_TRAIN_CLASS = 98  # classes 1-98 train, 99-196 test, ignoring the `test` flag
 

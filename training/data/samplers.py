@@ -1,7 +1,7 @@
 """Class-balanced P x K batches: P classes per batch, K images of each.
 
 Pair- and triplet-based losses need several images of a class in every batch; drawing batches as
-P classes x K images guarantees positives. DiVA's sampler (methods.md §1.4) draws classes and
+P classes x K images guarantees positives. DiVA's class_random_sampler.py draws classes and
 images uniformly *with* replacement and runs floor(N_train / B) batches per epoch.
 """
 
@@ -55,7 +55,7 @@ class PKBatchSampler(Sampler[list[int]]):
             )
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
-        # DiVA: iterations per epoch = floor(N_train / B) (methods.md §1.4).
+        # DiVA: iterations per epoch = floor(N_train / B) (datasampler/class_random_sampler.py).
         if num_batches is None:
             num_batches = len(labels) // self.batch_size
         self.num_batches = num_batches

@@ -1,7 +1,8 @@
 """Derived splits: a class-disjoint validation split and labels corrupted on purpose.
 
 Validation classes are carved from the training classes so that model selection never looks at
-the test set (the MLRC protocol, methods.md §4.4); label corruption drives the memorisation check.
+the test set (the protocol of Musgrave et al., "A Metric Learning Reality Check", ECCV 2020);
+label corruption drives the memorisation check.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def class_disjoint_split(
     on the class names and the seed, not on the order of files or labels. With a
     `group_separator`, classes sharing the name part before it (`media-` in
     `media-playback-start`) move together, so validation mirrors a test split that shares no
-    name prefix with training (IconThemes, data.md); otherwise validation would be easier than
-    test and select models that do not transfer.
+    name prefix with training (IconThemes, docs/benchmarks.md); otherwise validation would be
+    easier than test and select models that do not transfer.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")

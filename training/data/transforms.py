@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.transforms import InterpolationMode, v2
 
-# ImageNet statistics (methods.md §4.1); callers replace them with the backbone's own.
+# ImageNet statistics (torchvision); callers replace them with the backbone's own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,12 +23,12 @@ class TransformConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # 224 px as in the papers (methods.md §1.6, §4.1); 112-160 px is practical on a CPU.
+    # 224 px as in the papers (DiVA, MLRC); 112-160 px is practical on a CPU.
     image_size: int = Field(224, ge=16)
-    # torchvision's RandomResizedCrop default scale, used by DiVA (methods.md §1.6).
+    # torchvision's RandomResizedCrop default scale, used by DiVA (basic_dataset_scaffold.py).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = Field(0.5, ge=0.0, le=1.0)
-    # Resize(256) + CenterCrop(224): 224 / 256 = 0.875 (methods.md §4.1).
+    # Resize(256) + CenterCrop(224): 224 / 256 = 0.875 (DiVA's basic_dataset_scaffold.py).
     test_crop_pct: float = Field(0.875, gt=0.0, le=1.0)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN

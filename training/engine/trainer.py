@@ -116,7 +116,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         val_classes = round(cfg.val_fraction * train.num_classes)
         if spare is not None and spare.num_classes - 2 >= val_classes >= 2:
             # Training classes that max_classes leaves out make the validation fold, so the
-            # model still trains on all of the first N classes (how data.md's figures were made).
+            # model still trains on all of the first N classes (as in docs/results.md's reference).
             _, val = class_disjoint_split(
                 spare,
                 val_classes / spare.num_classes,
@@ -327,7 +327,7 @@ class Trainer:
             {"name": "head", "params": groups["head"], "lr": head_lr},
         ]
         for name, (params, lr) in self.method.parameter_groups().items():
-            # Method parameters (margin betas, regressors) carry no weight decay (DiVA §1.4).
+            # Method parameters (margin betas, regressors) carry no weight decay (DiVA's diva_main).
             param_groups.append(
                 {"name": name, "params": params, "lr": lr or head_lr, "weight_decay": 0.0}
             )

@@ -1,4 +1,4 @@
-"""Evaluation of embeddings: leave-one-out retrieval and clustering metrics (methods.md §4)."""
+"""Evaluation of embeddings: leave-one-out retrieval and clustering metrics (as in DiVA and PML)."""
 
 from training.evaluation.metrics import (
     DEFAULT_KS,

@@ -1,4 +1,4 @@
-"""Magnet's kNN-on-clusters classifier (Rippel et al., ICLR 2016; methods.md §3.3).
+"""Magnet's kNN-on-clusters classifier (Rippel et al., ICLR 2016, arXiv 1511.05939).
 
 A query is classified by its L nearest training-cluster centroids rather than by individual
 training images, each centroid voting exp(-|r - mu|^2 / (2 s^2)) for its class, with s^2 the
@@ -29,7 +29,7 @@ class ClusterClassifier:
     Centroids, queries and s^2 must live in one space: a Magnet model's test-time (unit-length)
     embeddings. `centroid_labels` are training-class indices; the run's card lists the class
     names in that order. mbanani's `softkNC_metrics` uses the unsquared distance in the
-    exponent; the paper's squared distance is used here (methods.md §3.3).
+    exponent; the paper's squared distance is used here.
     """
 
     def __init__(
@@ -37,7 +37,7 @@ class ClusterClassifier:
         centroids: ArrayLike,
         centroid_labels: ArrayLike,
         variance: float | ArrayLike,
-        L: int = 8,  # nearest centroids per query: mbanani's CLI value (methods.md §3.3)
+        L: int = 8,  # nearest centroids per query: CLI value of mbanani/pytorch-magnet-loss
     ) -> None:
         self.centroids = np.asarray(centroids, dtype=np.float32)
         self.centroid_labels = np.asarray(centroid_labels, dtype=np.int64)

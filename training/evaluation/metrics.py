@@ -1,11 +1,11 @@
-"""Retrieval and clustering metrics for deep metric learning, following methods.md §4.
+"""Retrieval and clustering metrics for deep metric learning, as DiVA's and PML's code compute them.
 
 Retrieval is leave-one-out over the evaluated set (query set = reference set, self excluded; the
-convention of Song et al. 2016, "Deep Metric Learning via Lifted Structured Feature Embedding",
-methods.md §4.1-4.2), ranked by exact L2 distance in a faiss flat index. Clustering metrics run
-faiss k-means with K = number of classes in the evaluated set (methods.md §4.2). Nothing here
-builds an N x N matrix: kNN results are processed in blocks of queries and pair counts come from
-the class/cluster contingency table.
+convention of Song et al. 2016, "Deep Metric Learning via Lifted Structured Feature Embedding"),
+ranked by exact L2 distance in a faiss flat index. Clustering metrics run faiss k-means with
+K = number of classes in the evaluated set (as pytorch-metric-learning's AccuracyCalculator
+does). Nothing here builds an N x N matrix: kNN results are processed in blocks of queries and
+pair counts come from the class/cluster contingency table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _GPU_MAX_K = 2048
 # Upper bound on neighbour ids held at once (~100 MB with distances), so 60k queries with
 # k = 1000 (SOP Recall@1000) never materialise the full N x k result.
 _MAX_RESULT_ENTRIES = 1 << 23
-_KMEANS_ITERATIONS = 20  # DiVA metrics/nmi.py and PML FaissKMeans (methods.md §4.2)
+_KMEANS_ITERATIONS = 20  # DiVA metrics/nmi.py and PML FaissKMeans (utils/inference.py)
 _METRIC_ORDER = ("nmi", "f1", "map@r", "r_precision")
 
 
@@ -40,7 +40,7 @@ def evaluate_embeddings(
     seed: int = 0,
     with_clustering: bool = True,
 ) -> dict[str, float]:
-    """All standard DML metrics on one labelled embedding set (methods.md §4.2).
+    """All standard DML metrics on one labelled embedding set, as DiVA's and PML's code define them.
 
     Keys, in order: ``recall@K`` for each K, ``nmi`` and ``f1`` (only when `with_clustering`;
     k-means is the slow part on large sets), ``map@r``, ``r_precision``.
@@ -61,9 +61,9 @@ def retrieval_metrics(
     """Leave-one-out Recall@K, MAP@R and R-precision, averaged over queries.
 
     Every sample queries all others. Queries whose label has no other sample are excluded, as
-    PML's AccuracyCalculator does (methods.md §4.2): they have no correct answer, so they would
-    only pull every metric towards 0. The kNN depth is max(largest class - 1, max K), which makes
-    MAP@R and R-precision exact (methods.md §4.3).
+    PML's AccuracyCalculator does (utils/accuracy_calculator.py): they have no correct answer, so
+    they would only pull every metric towards 0. The kNN depth is max(largest class - 1, max K),
+    which makes MAP@R and R-precision exact (PML's docs/accuracy_calculation.md; PML issue #290).
     """
     points = _as_embedding_matrix(embeddings)
     codes, class_sizes = _encode_labels(labels, len(points))
@@ -130,7 +130,7 @@ def clustering_metrics(
     num_clusters: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """NMI and pairwise F1 of a k-means clustering against the labels (methods.md §4.2).
+    """NMI and pairwise F1 of a k-means clustering against the labels (DiVA metrics/nmi.py, f1.py).
 
     `num_clusters` defaults to the number of classes *in the evaluated set*, not the training
     set: DiVA's choice of training classes gives SOP 11,318 clusters for 11,316 test classes.
@@ -167,8 +167,8 @@ def kmeans_assignments(points: np.ndarray, num_clusters: int, *, seed: int = 0) 
 def pairwise_f1_score(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Pairwise clustering F-measure: F1 of "same cluster" as a predictor of "same class".
 
-    F1 = 2TP / (2TP + FP + FN) over unordered sample pairs (methods.md §4.2), with the pair counts
-    from sklearn's contingency-based pair confusion matrix, so memory stays O(N).
+    F1 = 2TP / (2TP + FP + FN) over unordered sample pairs (DiVA metrics/f1.py), with the pair
+    counts from sklearn's contingency-based pair confusion matrix, so memory stays O(N).
     """
     pairs = pair_confusion_matrix(labels, clusters)
     true_positive = 2 * int(pairs[1, 1])
@@ -250,8 +250,8 @@ def _precision_within_r(
     """Per-query MAP@R and R-precision, R = number of other samples of the query's class.
 
     MAP@R = (1/R) Σ_{i≤R} P@i · rel_i (Musgrave et al. 2020, "A Metric Learning Reality Check";
-    methods.md §4.2). Written by hand because PML computes it only on several dense N x k torch
-    tensors at once, while this works on one block of queries at a time.
+    PML's mean_average_precision_at_r). Written by hand because PML computes it only on several
+    dense N x k torch tensors at once, while this works on one block of queries at a time.
     """
     r_max = int(num_relevant.max())
     ranks = np.arange(1, r_max + 1)

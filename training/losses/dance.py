@@ -1,7 +1,8 @@
 """DiVA's sample-specific DaNCE loss and the adversarial decorrelation between its embeddings.
 
 Milbich, Roth et al., "DiVA: Diverse Visual Feature Aggregation for Deep Metric Learning",
-ECCV 2020; formulas and defaults from methods.md §1.2 (item 4) and §1.3.
+ECCV 2020; formulas and defaults from its released code (criteria/fast_moco.py,
+criteria/adversarial_separation.py, parameters.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class GradientReversal(torch.autograd.Function):
     """Identity forward, negated gradient backward (Ganin & Lempitsky 2015).
 
     Written with static methods and ctx: DiVA's legacy non-static `GradRev` fails on current
-    PyTorch (methods.md §1.8).
+    PyTorch (its criteria/adversarial_separation.py).
     """
 
     @staticmethod
@@ -70,11 +71,11 @@ class DaNCELoss(nn.Module):
     def __init__(
         self,
         *,
-        temperature: float = 0.01,  # all DiVA sample runs (methods.md §1.5); code default 0.1
-        lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
-        upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
-        weighting: Literal["similarity", "logit"] = "similarity",  # DiVA's code (§1.2 item 4)
-        normalise: Literal["batch", "row"] = "batch",  # DiVA's released code (§1.2 item 4)
+        temperature: float = 0.01,  # all DiVA sample runs (SampleRuns/); code default 0.1
+        lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (parameters.py)
+        upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (parameters.py)
+        weighting: Literal["similarity", "logit"] = "similarity",  # DiVA's criteria/fast_moco.py
+        normalise: Literal["batch", "row"] = "batch",  # DiVA's released fast_moco.py
     ) -> None:
         super().__init__()
         if weighting not in ("similarity", "logit"):
@@ -126,7 +127,7 @@ class DaNCELoss(nn.Module):
 
 
 class AdversarialDecorrelation(nn.Module):
-    """Makes one embedding unpredictable from another (DiVA's adversarial separation, §1.3).
+    """Makes one embedding unpredictable from another (DiVA's adversarial separation).
 
     Per direction (source, target) with weight rho, a regressor xi (Linear-ReLU-Linear) maps the
     source to the target's space and l = -rho * mean_batch(mean_dims((z_t * n(xi(z_s)))^2)), n =
@@ -141,7 +142,7 @@ class AdversarialDecorrelation(nn.Module):
         weights: Sequence[float],
         embedding_dim: int,
         *,
-        hidden_dim: int = 512,  # DiVA --diva_decorrnet_dim (methods.md §1.1)
+        hidden_dim: int = 512,  # DiVA --diva_decorrnet_dim (parameters.py)
     ) -> None:
         super().__init__()
         if len(weights) != len(directions):

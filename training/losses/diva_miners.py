@@ -1,4 +1,4 @@
-"""DiVA's triplet miners for its class-shared and intra-class tasks (methods.md §1.2).
+"""DiVA's triplet miners for its class-shared and intra-class tasks (its batchminer/ folder).
 
 All three ignore what the true labels mean beyond equality, which is the point: the shared task
 learns features that cut across classes, the intra-class task features that vary within one.

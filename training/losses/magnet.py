@@ -1,4 +1,4 @@
-"""Magnet loss (Rippel et al., ICLR 2016, eq. 5): the mini-batch form, methods.md §3.1."""
+"""Magnet loss (Rippel et al., ICLR 2016, eq. 5): the mini-batch form."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ class MagnetLoss(nn.Module):
     logsumexp runs over the in-batch means of clusters of *other* classes, and
     s^2 = sum_n |r_n - mu(r_n)|^2 / (N - 1) is the batch's variance (paper eq. 5). It divides
     as the variance itself: tf-magnet-loss and MagnetLoss-PyTorch divide by 2 variance^2, which
-    squares it; mbanani and the paper do not (methods.md §3.4). The log-sum-exp form of
+    squares it; mbanani/pytorch-magnet-loss and the paper do not. The log-sum-exp form of
     -log(exp(-d_own / 2s^2 - alpha) / sum exp(-d_other / 2s^2)) is what keeps identical
-    embeddings, far-apart clusters and batches without impostors finite (mbanani#1, §3.4).
+    embeddings, far-apart clusters and batches without impostors finite (mbanani#1).
 
     The loss is invariant to a global scale of the embeddings (distances and s^2 scale alike),
     so whether the caller L2-normalises changes only the per-example norms.
@@ -25,11 +25,11 @@ class MagnetLoss(nn.Module):
     def __init__(
         self,
         *,
-        # Cluster separation gap: 1.0 in tf-magnet-loss and vithursant (methods.md §3.1); the
+        # Cluster separation gap: 1.0 in tf-magnet-loss and MagnetLoss-PyTorch (vithursant); the
         # paper's own value is UNVERIFIED (mbanani uses 4 or 7.18).
         alpha: float = 1.0,
         # Our choice: the paper leaves open whether gradients flow through s^2; stopping them is
-        # the stable option methods.md §3.4 suggests trying.
+        # the stable option (NaN losses are reported in mbanani/pytorch-magnet-loss#1).
         detach_variance: bool = True,
         eps: float = 1e-8,  # floor on s^2, so a batch of identical embeddings divides by eps
     ) -> None:

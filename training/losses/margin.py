@@ -16,11 +16,12 @@ class MarginLoss(nn.Module):
     """l = [d(a,p) - beta_{y_a} + m]_+ + [beta_{y_a} - d(a,n) + m]_+ on unit vectors.
 
     The batch loss is the sum of all hinge terms divided by the number of non-zero hinge terms
-    (methods.md §1.2), plus `nu` times the sum of the anchors' betas (Wu et al. 2017, Sec. 5).
+    (DiVA criteria/margin.py), plus `nu` times the sum of the anchors' betas (Wu et al. 2017,
+    Sec. 5).
     Hand-written because PML's `MarginLoss` has no epsilon inside the square root (it uses
     `torch.cdist`) and divides the `nu` term by the hinge count too, unlike DiVA. Note that
     DiVA's code, on torch >= 1.2 where adding two bool tensors is a logical or, counts triplets
-    with a non-zero term rather than hinge terms; the spec and PML count hinge terms, as here.
+    with a non-zero term rather than hinge terms; PML counts hinge terms, as here.
 
     Triplets come from `miner` unless passed to `forward`; beta is always indexed by `labels`
     at the anchor, so a caller that mines on other labels (DiVA's shared and intra tasks) still
@@ -32,13 +33,13 @@ class MarginLoss(nn.Module):
         self,
         num_classes: int,
         *,
-        margin: float = 0.2,  # DiVA --loss_margin_margin after Wu et al. 2017 (methods.md §1.2)
-        beta_init: float = 1.2,  # DiVA --loss_margin_beta after Wu et al. 2017 (methods.md §1.2)
-        beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (methods.md §1.2)
-        nu: float = 0.0,  # DiVA: no beta regularisation (methods.md §1.2)
+        margin: float = 0.2,  # DiVA --loss_margin_margin after Wu et al. 2017
+        beta_init: float = 1.2,  # DiVA --loss_margin_beta after Wu et al. 2017
+        beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (parameters.py)
+        nu: float = 0.0,  # DiVA: no beta regularisation (criteria/margin.py)
         learn_beta: bool = True,
         eps: float = 1e-8,  # DiVA criteria/margin.py: inside each distance's square root
-        miner: str | MinerFn = "distance",  # DiVA's discriminative task (methods.md §1.2)
+        miner: str | MinerFn = "distance",  # DiVA's discriminative task (batchminer/distance.py)
         miner_params: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()

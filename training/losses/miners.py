@@ -91,8 +91,8 @@ class DistanceWeightedMiner(PerAnchorMiner):
     def __init__(
         self,
         *,
-        lower_cutoff: float = 0.5,  # DiVA --miner_distance_lower_cutoff (methods.md §1.2)
-        # Wu et al.'s code uses 1.4; DiVA leaves it off because it hurt (methods.md §1.2).
+        lower_cutoff: float = 0.5,  # DiVA --miner_distance_lower_cutoff (parameters.py)
+        # Wu et al.'s code uses 1.4; DiVA leaves it off because it hurt (batchminer/distance.py).
         upper_cutoff: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:

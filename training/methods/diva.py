@@ -4,7 +4,8 @@ Four embeddings on one backbone, each trained on its own task, are concatenated 
 class-discriminative (margin loss, distance-weighted triplets), sample-specific (DaNCE against a
 queue of momentum-encoder keys), class-shared (margin loss on randomly permuted labels) and
 intra-class (margin loss on triplets drawn within one class). Adversarial decorrelation keeps
-the auxiliary embeddings from repeating the discriminative one. Specification: methods.md §1.
+the auxiliary embeddings from repeating the discriminative one. Reference: the paper and its
+released code, Confusezius/ECCV2020_DiVA_MultiFeature_DML.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The order of the test-time concatenation (methods.md §1.6).
+# The order of the test-time concatenation (DiVA diva_main.py).
 HEAD_NAMES = ("discriminative", "selfsimilarity", "shared", "intra")
-# (source, target): each auxiliary embedding is decorrelated from the discriminative one (§1.3).
+# (source, target): each auxiliary embedding is decorrelated from the discriminative one.
 DECORRELATIONS = (
     ("selfsimilarity", "discriminative"),
     ("shared", "discriminative"),
@@ -51,7 +52,7 @@ SHARING_MINERS = {"random": RandomPermutedDistanceMiner, "standard": SharedNegat
 
 @register_head("diva")
 class DiVAHead(nn.Module):
-    """One linear embedding per DiVA task, each L2-normalised (methods.md §1.1).
+    """One linear embedding per DiVA task, each L2-normalised (DiVA architectures/).
 
     `embedding`, the test-time output, is the weighted concatenation of the four in the order
     of `HEAD_NAMES`, re-normalised, so its dimension is 4 x `embedding_dim`.
@@ -63,7 +64,7 @@ class DiVAHead(nn.Module):
         embedding_dim: int,
         *,
         # DiVA tried (0.75, 1.25, 1.25, 1.25), (0.5, 1, 1, 1), (0.5, 1.5, 1.5, 1.5) on CUB/CARS and
-        # (1, 1, 1, 1), (0.5, 1, 1, 1), (1, 0.5, 0.5, 0.5), (1.5, 1, 1, 1) on SOP (methods.md §1.6).
+        # (1, 1, 1, 1), (0.5, 1, 1, 1), (1, 0.5, 0.5, 0.5), (1.5, 1, 1, 1) on SOP (diva_main.py).
         weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     ) -> None:
         super().__init__()
@@ -105,7 +106,7 @@ def gradient_norms(terms: dict[str, Tensor], features: Tensor) -> dict[str, Tens
 
 @register_method
 class DiVA(Method):
-    """The four DiVA tasks plus decorrelation (methods.md §1.4):
+    """The four DiVA tasks plus decorrelation (DiVA diva_main.py):
 
     L = L_disc + a_ssl * L_DaNCE + a_shared * L_shared + a_intra * L_intra + sum_dir l_dec(dir).
 
@@ -127,26 +128,27 @@ class DiVA(Method):
         num_classes: int,
         embedding_dim: int,
         # Task weights and decorrelation weight rho per direction: CUB200 R50 row of DiVA's
-        # sample runs (methods.md §1.5). A single rho applies to all three directions.
+        # sample runs (SampleRuns/ECCV2020_DiVA_SampleRuns.sh). A single rho applies to all three
+        # directions.
         alpha_ssl: float = 0.3,
         alpha_shared: float = 0.3,
         alpha_intra: float = 0.3,
         rho: float | Sequence[float] = 1500.0,
-        sharing: Literal["random", "standard"] = "random",  # DiVA --diva_sharing (§1.2 item 2)
-        temperature: float = 0.01,  # DaNCE tau in all DiVA sample runs (methods.md §1.5)
-        momentum: float = 0.9,  # DiVA --diva_moco_momentum (methods.md §1.1)
-        n_key_batches: int = 30,  # DiVA --diva_moco_n_key_batches, CUB/CARS (methods.md §1.5)
-        dance_lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (methods.md §1.2)
-        dance_upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (methods.md §1.2)
+        sharing: Literal["random", "standard"] = "random",  # DiVA --diva_sharing
+        temperature: float = 0.01,  # DaNCE tau in all DiVA sample runs (SampleRuns/)
+        momentum: float = 0.9,  # DiVA --diva_moco_momentum (parameters.py)
+        n_key_batches: int = 30,  # DiVA --diva_moco_n_key_batches, CUB/CARS sample runs
+        dance_lower_cutoff: float = 0.5,  # DiVA --diva_moco_lower_cutoff (parameters.py)
+        dance_upper_cutoff: float = 1.4,  # DiVA --diva_moco_upper_cutoff (parameters.py)
         dance_weighting: Literal["similarity", "logit"] = "similarity",  # see DaNCELoss
         dance_normalise: Literal["batch", "row"] = "batch",  # DiVA's released code, DaNCELoss
-        margin: float = 0.2,  # DiVA --loss_margin_margin (methods.md §1.2)
-        beta_init: float = 1.2,  # DiVA --loss_margin_beta (methods.md §1.2)
-        beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (methods.md §1.2)
-        distance_lower_cutoff: float = 0.5,  # DiVA --miner_distance_lower_cutoff (§1.2)
-        regressor_hidden_dim: int = 512,  # DiVA --diva_decorrnet_dim (methods.md §1.1)
-        regressor_lr: float = 1e-5,  # DiVA --diva_decorrnet_lr (methods.md §1.1)
-        embedding_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),  # see DiVAHead (§1.6)
+        margin: float = 0.2,  # DiVA --loss_margin_margin (parameters.py)
+        beta_init: float = 1.2,  # DiVA --loss_margin_beta (parameters.py)
+        beta_lr: float = 5e-4,  # DiVA --loss_margin_beta_lr (parameters.py)
+        distance_lower_cutoff: float = 0.5,  # DiVA --miner_distance_lower_cutoff
+        regressor_hidden_dim: int = 512,  # DiVA --diva_decorrnet_dim (parameters.py)
+        regressor_lr: float = 1e-5,  # DiVA --diva_decorrnet_lr (parameters.py)
+        embedding_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),  # see DiVAHead
     ) -> None:
         rhos = [float(rho)] * len(DECORRELATIONS) if isinstance(rho, int | float) else list(rho)
         super().__init__(
@@ -188,7 +190,7 @@ class DiVA(Method):
 
         def margin_loss(miner: MinerFn) -> MarginLoss:
             # Its own learnable beta per task; beta is indexed by the anchor's true class even
-            # where the miner ignores the classes (methods.md §1.8).
+            # where the miner ignores the classes, as in DiVA's diva_main.py.
             return MarginLoss(
                 num_classes, margin=margin, beta_init=beta_init, beta_lr=beta_lr, miner=miner
             )
@@ -226,7 +228,7 @@ class DiVA(Method):
     def train(self, mode: bool = True) -> DiVA:
         super().train(mode)
         if self.key_model is not None:
-            self.key_model.eval()  # the key model never leaves eval mode (methods.md §1.1)
+            self.key_model.eval()  # the key model never leaves eval mode (DiVA diva_main.py)
         return self
 
     # ---------------------------------------------------------------- hooks
@@ -288,7 +290,7 @@ class DiVA(Method):
 
     @torch.no_grad()
     def momentum_update(self, online: nn.Module) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q for every parameter (methods.md §1.1).
+        """theta_k <- m theta_k + (1 - m) theta_q for every parameter (DiVA diva_main.py).
 
         Floating-point buffers (BatchNorm statistics) follow the same average; DiVA's code moves
         parameters only, which is the same thing with its frozen BatchNorm, but with trained

@@ -1,4 +1,4 @@
-"""DVML: Deep Variational Metric Learning (Lin et al., ECCV 2018), methods.md §2.
+"""DVML: Deep Variational Metric Learning (Lin et al., ECCV 2018).
 
 The head splits the backbone feature h into a class-invariant code z_I and a Gaussian model of
 intra-class variance N(mu, sigma^2); the method trains z_I, the synthesised z = z_I + z_V
@@ -29,14 +29,14 @@ LOSS_TERMS = ("kl", "rec", "syn", "inv")
 
 @register_head("dvml")
 class DVMLHead(nn.Module):
-    """Invariant encoder, variance encoder and decoder (methods.md §2.1).
+    """Invariant encoder, variance encoder and decoder (Lin et al. 2018).
 
-    `forward` is deterministic: it returns `embedding` = z_I (the test-time embedding, §2.4) and
+    `forward` is deterministic: it returns `embedding` = z_I (the test-time embedding) and
     the variance code's `mean` and `log_variance`; sampling z_V is the training step's job, so
     retrieval never sees noise (ujjwaltiwari's evaluate.py adds a z_V sample; not copied).
     The encoders are single linear layers as in ujjwaltiwari's models/dvml.py (GeDML's
     [1024, 512] MLP is the same map). The decoder is ujjwaltiwari's Linear -> Tanh -> Linear
-    (methods.md §2.1), chosen over GeDML's BN-MLP so that reconstructing the T x B synthesised
+    (models/dvml.py), chosen over GeDML's BN-MLP so that reconstructing the T x B synthesised
     rows of phase 2 does not depend on batch statistics.
 
     `detach_variance_input` (not in the paper, off by default) feeds the variance encoder
@@ -50,7 +50,7 @@ class DVMLHead(nn.Module):
         feature_dim: int,
         embedding_dim: int,
         *,
-        decoder_hidden_dim: int = 512,  # ujjwaltiwari: Linear(512, 512) -> Tanh (methods.md §2.1)
+        decoder_hidden_dim: int = 512,  # ujjwaltiwari: Linear(512, 512) -> Tanh (models/dvml.py)
         detach_variance_input: bool = False,
     ) -> None:
         super().__init__()
@@ -79,7 +79,7 @@ class DVMLHead(nn.Module):
 
 
 class StandardNormalKL(nn.Module):
-    """KL(N(mu, diag sigma^2) || N(0, I)) summed over dimensions, mean over the batch (§2.2).
+    """KL(N(mu, diag sigma^2) || N(0, I)) summed over dimensions, mean over the batch (GeDML).
 
     Closed form 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2): it pulls the variance code towards
     one isotropic Gaussian shared by all classes, DVML's class-independent variance premise.
@@ -94,8 +94,9 @@ class FeatureReconstructionLoss(nn.Module):
     """Mean squared error between T reconstructions (T, B, F) and the features h (B, F).
 
     The mean runs over all T reconstructions, as `F.mse_loss` with broadcasting does in both
-    public codes (methods.md §2.2-2.3). Both leave h attached, so L_rec also trains the backbone;
-    `detach_target` is the ablation that stops that (methods.md §2.6).
+    public codes (GeDML's dvml_collector.py, ujjwaltiwari/Deep_Variational_Metric_Learning).
+    Both leave h attached, so L_rec also trains the backbone; `detach_target` is the ablation
+    that stops that.
     """
 
     def __init__(self, *, detach_target: bool = False) -> None:
@@ -112,7 +113,7 @@ def sample_variation(mean: Tensor, log_variance: Tensor, samples: int) -> Tensor
 
     The paper learns the variance distribution from the metric and reconstruction losses, which
     needs gradients through the sample; both public codes call the non-differentiable
-    `Normal.sample()`, so there only the KL term trains mu and sigma (methods.md §2.6).
+    `Normal.sample()`, so there only the KL term trains mu and sigma.
     """
     noise = torch.randn((samples, *mean.shape), dtype=mean.dtype, device=mean.device)
     return mean + (0.5 * log_variance).exp() * noise
@@ -120,7 +121,7 @@ def sample_variation(mean: Tensor, log_variance: Tensor, samples: int) -> Tensor
 
 @dataclass(frozen=True)
 class PhaseSettings:
-    """Loss weights, samples per image and decoder-input cut of one training phase (§2.3)."""
+    """Loss weights, samples per image and decoder-input cut of one training phase."""
 
     weights: dict[str, float]
     samples: int
@@ -129,12 +130,12 @@ class PhaseSettings:
 
 @register_method
 class DVMLMethod(Method):
-    """L = l1 L_KL + l2 L_rec + l3 L_syn + l4 L_inv in two phases (methods.md §2.2-2.3).
+    """L = l1 L_KL + l2 L_rec + l3 L_syn + l4 L_inv in two phases (GeDML's dvml_collector.py).
 
     Phase 1 (the first `phase1_fraction` of the iterations) feeds the decoder z.detach() and
     draws one z_V per image; phase 2 lets L_rec reach the encoders and draws T z_V per image,
     reconstructing all T and putting the first into L_syn. L_syn and L_inv are two instances of
-    the base loss (two sets of margin betas), each applied with the images' own labels (§2.4).
+    the base loss (two sets of margin betas), each applied with the images' own labels.
     The current phase lives in a buffer, so a resumed run continues in the phase it left.
     Per-phase hyperparameters are (phase 1, phase 2) pairs.
     """
@@ -147,20 +148,20 @@ class DVMLMethod(Method):
         *,
         num_classes: int,
         embedding_dim: int,
-        # The paper's plug-in losses: triplet, N-pair, triplet + DWS = margin (methods.md §2).
+        # The paper's plug-in losses: triplet, N-pair, triplet + DWS = margin (Lin et al. 2018).
         base_loss: str = "triplet",
         base_loss_params: Mapping[str, Any] | None = None,
-        # lambda_1..4 per phase: GeDML's docstring, "recommended in the paper" (methods.md §2.3);
+        # lambda_1..4 per phase: GeDML's dvml_collector.py docstring, "recommended in the paper";
         # GeDML's code falls back to the phase-1 values in phase 2, a bug not copied here.
         kl_weight: Sequence[float] = (1.0, 0.8),
         rec_weight: Sequence[float] = (1.0, 1.0),
         syn_weight: Sequence[float] = (0.1, 0.2),
         inv_weight: Sequence[float] = (1.0, 0.8),
-        num_samples: Sequence[int] = (1, 20),  # T per phase (methods.md §2.3)
-        # UNVERIFIED: ujjwaltiwari's 25 of 100 "epochs"; the paper's value is unknown (§2.3).
+        num_samples: Sequence[int] = (1, 20),  # T per phase (GeDML, ujjwaltiwari)
+        # UNVERIFIED: ujjwaltiwari's 25 of 100 "epochs"; the paper's value is unknown.
         phase1_fraction: float = 0.25,
-        decoder_hidden_dim: int = 512,  # ujjwaltiwari's decoder (methods.md §2.1)
-        detach_target: bool = False,  # both public codes (methods.md §2.6)
+        decoder_hidden_dim: int = 512,  # ujjwaltiwari's decoder (models/dvml.py)
+        detach_target: bool = False,  # both public codes (GeDML, ujjwaltiwari)
         detach_variance_input: bool = False,  # not in the paper; see DVMLHead
     ) -> None:
         base_loss_params = dict(base_loss_params or {})

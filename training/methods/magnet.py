@@ -1,4 +1,4 @@
-"""Magnet loss training (Rippel et al., ICLR 2016): methods.md §3.
+"""Magnet loss training (Rippel et al., ICLR 2016, arXiv 1511.05939).
 
 Each class of the training set is split into up to K clusters (of at least D examples each, see
 `ClusterIndex`) by k-means on the current embeddings; batches are neighbourhoods of clusters (a
@@ -11,7 +11,7 @@ Embeddings are L2-normalised before the loss, although the paper defines Magnet 
 representations: the loss is invariant to a global scale anyway (`MagnetLoss`), and on the unit
 sphere training, the k-means index (`compute_embeddings` normalises), the saved centroids and
 the service's test-time embeddings all share one space, so the artifact's cluster classifier
-(§3.3) applies to `Embedder.embed` output as it is.
+(Magnet's kNN-on-clusters evaluation) applies to `Embedder.embed` output as it is.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ClusterIndex(nn.Module):
         self.register_buffer("assignments", torch.full((len(labels),), -1, dtype=torch.long))
         self.register_buffer("example_losses", torch.zeros(len(labels)))
         # A separate flag, not `loss != 0`: a measured loss of 0 is a measurement
-        # (tf-magnet-loss#6, methods.md §3.4).
+        # (pumpikano/tf-magnet-loss#6).
         self.register_buffer("loss_measured", torch.zeros(len(labels), dtype=torch.bool))
         self.register_buffer("seed_weights", torch.ones(num_clusters))
         self.register_buffer("fitted", torch.tensor(False))
@@ -162,12 +162,12 @@ class ClusterIndex(nn.Module):
         self.fitted.fill_(True)
 
     def record_losses(self, indices: Tensor, losses: Tensor) -> None:
-        """Cache the latest loss of each example (§3.2 item 5)."""
+        """Cache the latest loss of each example (tf-magnet-loss magnet_tools.py)."""
         self.example_losses[indices] = losses.detach().to(self.example_losses.dtype)
         self.loss_measured[indices] = True
 
     def update_seed_weights(self) -> None:
-        """Seed probability of a cluster = the mean cached loss of its measured members (§3.2).
+        """Seed probability of a cluster = the mean cached loss of its measured members.
 
         Uniform before any loss exists. Once some exist, a cluster with no measured member
         (new after a refresh, or never drawn) weighs the mean measured loss: our choice, where
@@ -228,7 +228,7 @@ class _ClusterSnapshot:
 
 
 class MagnetBatchSampler(Sampler[list[int]]):
-    """Neighbourhood batches (§3.2 item 4): a seed cluster drawn with the index's
+    """Neighbourhood batches (Rippel et al.): a seed cluster drawn with the index's
     `seed_weights`, its M - 1 nearest clusters of other classes, D examples of each.
 
     Batches list the seed cluster's D examples first, then the impostors' by distance. D
@@ -291,7 +291,7 @@ class MagnetBatchSampler(Sampler[list[int]]):
 
 @register_method
 class MagnetMethod(Method):
-    """Magnet loss on neighbourhood batches of per-class k-means clusters (methods.md §3).
+    """Magnet loss on neighbourhood batches of per-class k-means clusters (Rippel et al. 2016).
 
     Deviation: the seed-cluster distribution is recomputed from the loss cache once per epoch
     (as mbanani does), not after every batch (tf-magnet-loss). DataLoader workers draw batches
@@ -308,20 +308,20 @@ class MagnetMethod(Method):
         *,
         num_classes: int,
         embedding_dim: int,
-        clusters_per_batch: int = 8,  # M: tf, vithursant and mbanani (methods.md §3.2)
-        examples_per_cluster: int = 4,  # D: mbanani (§3.2); tf/vithursant use 8 on MNIST
-        clusters_per_class: int = 8,  # K (the most per class): tf, vithursant, mbanani (§3.2)
+        clusters_per_batch: int = 8,  # M: tf-magnet-loss, vithursant and mbanani
+        examples_per_cluster: int = 4,  # D: mbanani; tf/vithursant use 8 on MNIST
+        clusters_per_class: int = 8,  # K (the most per class): tf, vithursant, mbanani
         # Fewest members per cluster (None: examples_per_cluster, so D can be drawn without
         # replacement, as the paper's sampling assumes); 1 = the former K_c = min(K, n_c).
         min_cluster_size: int | None = None,
-        alpha: float = 1.0,  # tf and vithursant (§3.1); the paper's value is UNVERIFIED
-        detach_variance: bool = True,  # our choice for stability (§3.4)
-        refresh_every_epochs: int = 1,  # vithursant and mbanani (§3.2 item 3)
-        kmeans_iterations: int = 20,  # "k-means++, ~20 iterations" (§3.2 item 2)
+        alpha: float = 1.0,  # tf and vithursant; the paper's value is UNVERIFIED
+        detach_variance: bool = True,  # our choice for stability (mbanani#1 NaNs)
+        refresh_every_epochs: int = 1,  # vithursant and mbanani
+        kmeans_iterations: int = 20,  # k-means++, ~20 iterations (tf-magnet-loss)
         # Refreshes start k-means from the current centroids (mbanani); False: from fresh
         # k-means++ seeds every time (tf-magnet-loss). The paper (Sec. 3) does not say.
         kmeans_warm_start: bool = True,
-        # The classifier's "running average" of the batch variance (§3.3): our exponential
+        # The classifier's "running average" of the batch variance (Rippel et al.): our exponential
         # average; mbanani averages the last epoch's batches.
         variance_momentum: float = 0.9,
     ) -> None:
@@ -409,7 +409,7 @@ class MagnetMethod(Method):
         self.cluster_index.update_seed_weights()
 
     def refresh(self, trainer: Trainer) -> None:
-        """Re-embed the training set (test transform) and re-cluster it (§3.2 item 3)."""
+        """Re-embed the training set (test transform) and re-cluster it."""
         started = time.perf_counter()
         cfg = trainer.cfg
         embeddings, labels = compute_embeddings(
@@ -465,7 +465,7 @@ class MagnetMethod(Method):
         return self.index
 
     def classifier(self, L: int = 8) -> ClusterClassifier:
-        """The kNN-on-clusters classifier (§3.3) of the current index and running variance."""
+        """Magnet's kNN-on-clusters classifier of the current index and running variance."""
         return ClusterClassifier(
             self.cluster_index.centroids.cpu(),
             self.cluster_index.cluster_labels.cpu(),

@@ -66,7 +66,8 @@ class _ResNetFeatures(nn.Module):
 def _lukemelas_to_timm_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename EfficientNet-PyTorch (lukemelas) keys to timm `tf_efficientnet_lite0` keys.
 
-    The mapping is the one documented in shared/spec/data.md ("Pretrained ImageNet weights").
+    Key names on the left are lukemelas/EfficientNet-PyTorch's (efficientnet_pytorch/model.py),
+    on the right timm's `tf_efficientnet_lite0` (timm/models/efficientnet.py).
     """
     stage_sizes = [1, 2, 2, 3, 3, 4, 1]
     block_to_stage = [(s, j) for s, n in enumerate(stage_sizes) for j in range(n)]

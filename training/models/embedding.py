@@ -61,11 +61,11 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = "efficientnet_lite0"
-    pooling: Literal["avg", "avgmax"] = "avg"  # DiVA uses average pooling only (methods.md §1.1)
+    pooling: Literal["avg", "avgmax"] = "avg"  # DiVA uses average pooling only (architectures/)
     head: str = "linear"
     embedding_dim: int = Field(128, ge=0)  # Wu et al. 2017 / DiVA per-head size
     head_options: dict[str, object] = Field(default_factory=dict)
-    frozen_bn: bool = False  # DiVA's R50 runs freeze BatchNorm (methods.md §1.1)
+    frozen_bn: bool = False  # DiVA's R50 runs freeze BatchNorm (resnet50_frozen_normalize)
 
 
 class EmbeddingModel(nn.Module):
@@ -86,7 +86,7 @@ class EmbeddingModel(nn.Module):
 
     def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
         pooled = feature_map.mean(dim=(2, 3))
-        if self.spec.pooling == "avgmax":  # GAP + GMP summed, Proxy-Anchor's trick (§4.4)
+        if self.spec.pooling == "avgmax":  # GAP + GMP summed, Proxy-Anchor's trick (MLRC)
             pooled = pooled + feature_map.amax(dim=(2, 3))
         return pooled
 

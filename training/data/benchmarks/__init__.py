@@ -1,4 +1,4 @@
-"""Offline benchmarks built from Debian packages: IconThemes and CJK-Fonts (data.md)."""
+"""Offline benchmarks built from Debian packages: IconThemes and CJK-Fonts (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CJK-Fonts: a larger, learnable benchmark built from Debian CJK fonts (data.md).
+"""CJK-Fonts: a larger, learnable benchmark built from Debian CJK fonts (docs/benchmarks.md).
 
 A class is a Han character from the everyday core shared by Japan, mainland China and Taiwan;
 a sample is that character in one font face. Renders are black on white, cropped to the ink
@@ -59,7 +59,7 @@ class FontSource:
     face: int = 0
 
 
-# data.md, "CJK-Fonts / Sources": 32 faces from 29 Debian packages. Order matters: of two
+# 32 faces from 29 Debian packages (docs/benchmarks.md). Order matters: of two
 # near-identical renders the earlier font keeps its sample (AR PL UKai before cwTeX Kai).
 CJK_FONTS: tuple[FontSource, ...] = (
     FontSource("fonts-noto-cjk", "NotoSansCJK-Regular.ttc"),
@@ -96,7 +96,7 @@ CJK_FONTS: tuple[FontSource, ...] = (
     FontSource("fonts-babelstone-han", "BabelStoneHan.ttf"),
 )
 
-# data.md: the level-1 hanzi/kanji rows of three national standards, decoded by Python's own
+# The level-1 hanzi/kanji rows of three national standards, decoded by Python's own
 # codecs: (codec, lead bytes, trail bytes).
 _EUC_CELLS = range(0xA1, 0xFF)
 CHARACTER_SETS = (
@@ -104,11 +104,11 @@ CHARACTER_SETS = (
     ("gb2312", range(0xB0, 0xD8), _EUC_CELLS),  # GB 2312 level 1
     ("big5", range(0xA4, 0xC7), (*range(0x40, 0x7F), *_EUC_CELLS)),  # Big5 level 1
 )
-UNIFIED_IDEOGRAPHS = (0x4E00, 0x9FFF)  # data.md: keep U+4E00..U+9FFF
-# data.md: drop near-duplicate renders "between fonts that share outlines (thumbnail difference
-# under about 3)".
+UNIFIED_IDEOGRAPHS = (0x4E00, 0x9FFF)  # keep U+4E00..U+9FFF (CJK Unified Ideographs block)
+# Drop near-duplicate renders between fonts that share outlines (thumbnail difference under
+# about 3 grey levels, docs/benchmarks.md).
 NEAR_DUPLICATE_MAD = 3.0
-# Not in data.md: a class needs a second sample to be a retrieval query with a positive.
+# Our addition: a class needs a second sample to be a retrieval query with a positive.
 MIN_SAMPLES_PER_CLASS = 2
 # Glyphs are rendered at twice the output size, then cropped and scaled down (smooth edges).
 RENDER_OVERSAMPLING = 2
@@ -217,7 +217,7 @@ def class_folder(character: str) -> str:
 
 
 def split_characters(characters: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(train, test): characters ordered by sha1 of their UTF-8; first half train (data.md)."""
+    """(train, test): characters ordered by sha1 of their UTF-8; first half train."""
     order = sorted(characters, key=sha1_key)
     half = len(order) // 2
     return order[:half], order[half:]

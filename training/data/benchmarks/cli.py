@@ -31,7 +31,7 @@ CacheOption = Annotated[
         "default $LOOKALIKE_CACHE_DIR/debian or ~/.cache/lookalike/debian.",
     ),
 ]
-# data.md: the reference builds are 128x128 RGB PNG.
+# The reference builds (docs/benchmarks.md) are 128x128 RGB PNG.
 SizeOption = Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")]
 
 

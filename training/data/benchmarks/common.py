@@ -33,10 +33,10 @@ MANIFEST_NAME = "manifest.json"
 MARKER_NAME = ".lookalike-benchmark"
 SPLITS = ("train", "test")
 
-# data.md compares renders through "32x32 grey thumbnails" (mean absolute grey difference).
+# Renders are compared through 32x32 grey thumbnails (mean absolute grey difference).
 THUMBNAIL_SIDE = 32
 # Near-blank: fewer than 2% of thumbnail pixels differ from the white background by more than
-# 8 grey levels. data.md only says "drop near-blank renders"; these values keep a white page
+# 8 grey levels. The design only says "drop near-blank renders"; these values keep a white page
 # with a thin grey outline and drop a white-on-transparent icon.
 INK_LEVEL = 8
 NEAR_BLANK_INK_FRACTION = 0.02

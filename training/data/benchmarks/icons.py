@@ -1,8 +1,8 @@
-"""IconThemes: a zero-shot retrieval benchmark built from Debian icon themes (data.md).
+"""IconThemes: a zero-shot retrieval benchmark built from Debian icon themes.
 
 A class is a freedesktop icon name (`edit-find`, `weather-showers`), a sample is that icon as
-drawn by one theme family. The cleaning rules and the split follow data.md, section
-"IconThemes"; each step below records how many samples or classes it dropped and why.
+drawn by one theme family. The cleaning rules and the split are described in docs/benchmarks.md,
+section "IconThemes"; each step below records how many samples or classes it dropped and why.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _family(name: str, *themes: tuple[str, str]) -> IconFamily:
     return IconFamily(name, tuple(IconTheme(package, folder) for package, folder in themes))
 
 
-# data.md, "IconThemes / Sources": 25 theme families from 27 Debian packages.
+# 25 theme families from 27 Debian packages (docs/benchmarks.md).
 ICON_FAMILIES: tuple[IconFamily, ...] = (
     _family("Adwaita", ("adwaita-icon-theme", "Adwaita")),
     _family("breeze", ("breeze-icon-theme", "breeze")),
@@ -111,7 +111,7 @@ ICON_FAMILIES: tuple[IconFamily, ...] = (
     _family("yasis", ("gnome-icon-theme-yasis", "yasis")),
 )
 
-# data.md: forks of each other "such as Mint-Y/Moka and GNOME/MATE/Adwaita" get the looser
+# Forks of each other, such as Mint-Y/Moka and GNOME/MATE/Adwaita, get the looser
 # near-duplicate threshold. Numix-Circle (built on Numix) and Yaru (built on Suru) are forks in
 # the same sense, so they are listed too.
 FORK_GROUPS: tuple[frozenset[str], ...] = (
@@ -120,18 +120,18 @@ FORK_GROUPS: tuple[frozenset[str], ...] = (
     frozenset({"Numix", "Numix-Circle"}),
     frozenset({"suru", "Yaru"}),
 )
-# data.md: near-duplicate if the 32x32 grey thumbnails differ by "under about 5" on average,
-# "under about 12 between themes that are forks of each other".
+# Near-duplicate if the 32x32 grey thumbnails differ by under about 5 on average, under
+# about 12 between themes that are forks of each other (docs/benchmarks.md).
 NEAR_DUPLICATE_MAD = 5.0
 FORK_NEAR_DUPLICATE_MAD = 12.0
-# data.md: "keep classes with at least 10 samples".
+# Keep classes with at least 10 samples.
 MIN_SAMPLES_PER_CLASS = 10
 # Two names become one class when most families that draw both use the same file for both
-# (data.md, "collapse alias names"); at least two families must agree so that one theme's odd
+# (collapsed alias names); at least two families must agree so that one theme's odd
 # symlink cannot merge two concepts.
 MIN_ALIAS_AGREEMENT = 2
 
-# Fetched with the themes: the fallback SVG renderer (optional, data.md "Sources").
+# Fetched with the themes: the fallback SVG renderer (optional).
 RSVG_PACKAGE = "librsvg2-bin"
 ICON_SUFFIXES = (".svg", ".svgz", ".png")
 _SIZE_FOLDER = re.compile(r"^(\d+)(?:x\d+)?(?:@(\d+)x?)?$")
@@ -276,7 +276,7 @@ def scan_theme(
 ) -> dict[str, tuple[Path, bool]]:
     """name -> (real file, was a symlink) of the largest drawing of each non-symbolic icon.
 
-    Largest means a `scalable` SVG where present, otherwise the biggest pixel size (data.md).
+    Largest means a `scalable` SVG where present, otherwise the biggest pixel size.
     """
     best: dict[str, tuple[tuple[bool, int, bool], Path, bool]] = {}
     for folder, _, files in os.walk(theme_dir):
@@ -508,7 +508,7 @@ def render_svg(path: Path, size: int, rsvg_convert: str | None = None) -> Image.
 
 def find_rsvg_convert(packages: Mapping[str, UnpackedPackage]) -> str | None:
     """`rsvg-convert` from PATH or the unpacked librsvg2-bin (it runs against the system's
-    librsvg, data.md) if it runs, else None (cairosvg alone is then used)."""
+    librsvg) if it runs, else None (cairosvg alone is then used)."""
     found = shutil.which("rsvg-convert")
     if found is None and RSVG_PACKAGE in packages:
         unpacked = packages[RSVG_PACKAGE].root / "usr" / "bin" / "rsvg-convert"
@@ -566,7 +566,7 @@ def name_prefix(name: str) -> str:
 
 def split_by_prefix(class_names: Sequence[str]) -> tuple[list[str], list[str]]:
     """(train, test): whole prefix groups in order of their name's sha1 go to train until half
-    the classes are placed (data.md); depends only on the class names."""
+    the classes are placed (docs/benchmarks.md); depends only on the class names."""
     groups: defaultdict[str, list[str]] = defaultdict(list)
     for name in class_names:
         groups[name_prefix(name)].append(name)
