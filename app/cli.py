@@ -136,6 +136,9 @@ def serve_processes(
     from app.main import create_app, with_api_key
     from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE
 
+    queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
+    if not settings.cpu_sharers:  # the API and each worker get their share of the CPUs
+        settings = settings.model_copy(update={"cpu_sharers": 1 + len(queues)})
     upgrade(settings)  # before the workers, which need the schema too
     keyed = with_api_key(settings)
     service = LocalService(
@@ -147,9 +150,8 @@ def serve_processes(
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     try:
-        if workers:
-            for queue in (GPU_QUEUE, CPU_QUEUE):
-                service.start_worker(queue)
+        for queue in queues:
+            service.start_worker(queue)
         thread.start()
         while not server.started:
             if not thread.is_alive():

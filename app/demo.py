@@ -196,6 +196,10 @@ def run_demo(
             f"the benchmark {benchmark} is outside LOOKALIKE_DATASET_ROOT={root}; "
             "unset it or pass --data under it"
         )
+    if not settings.cpu_sharers:
+        # One step at a time (the API is idle while the model trains): every process may use
+        # every CPU, where `lookalike serve` splits them between the API and its workers.
+        settings = settings.model_copy(update={"cpu_sharers": 1})
     relative = benchmark.relative_to(settings.dataset_root.expanduser().absolute())  # type: ignore[union-attr]
 
     try:

@@ -1,11 +1,13 @@
 """Models loaded once per process, requests micro-batched.
 
 `BatchingEmbedder` owns one background thread per model. Callers (async request handlers via
-`embed`, worker threads via `embed_sync`) put their images on a queue and wait; the thread takes
-the first waiting request, then keeps collecting requests until it holds `max_batch` images or
-`max_wait_ms` have passed since that first request, preprocesses each request (exactly the model
-card's preprocessing: `training.checkpoint.Embedder.preprocess`) and runs one forward pass for all
-of them. So concurrent users share a batch, and no CPU work ever runs on the event loop.
+`embed`, request and worker threads via `embed_sync`) put their images on a queue and wait; the
+thread takes the first waiting request, then keeps collecting requests until it holds `max_batch`
+images or `max_wait_ms` have passed since that first request, and runs one forward pass for all
+of them. Preprocessing (exactly the model card's: `training.checkpoint.Embedder.preprocess`) runs
+in the caller's thread for `embed_sync`, so it overlaps the forward pass, and in the batching
+thread for `embed`. So concurrent users share a batch, and no CPU work ever runs on the event
+loop.
 
 Errors: a request whose images cannot be preprocessed fails alone; a failing forward pass fails
 exactly the requests in that batch; the thread keeps serving the next batches.
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.checkpoint import Embedder, ModelCard, load_embedder
+from training.checkpoint import Embedder, ModelCard
+from training.export import Backend, load_inference_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +117,16 @@ class BatchingEmbedder:
     def embed_sync(
         self, images: Sequence[Image.Image | torch.Tensor], timeout: float | None = None
     ) -> np.ndarray:
-        """Same as `embed` for threads that are not an event loop (workers, CLI)."""
+        """Same as `embed` for threads that are not an event loop (request threads, workers):
+        they preprocess their own images, in parallel with the batching thread's forward."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("embed_sync called from the batching thread would deadlock")
-        return self.submit(images).result(timeout)
+        return self.submit(self.prepare(images)).result(timeout)
+
+    def prepare(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """The model's preprocessing, in the calling thread: `submit` takes the result as is
+        (an import job prepares the next batch while this one embeds)."""
+        return [self._preprocess(image) for image in images]
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the thread; requests still queued fail with `EmbedderClosed`. Idempotent."""
@@ -204,6 +213,13 @@ class BatchingEmbedder:
     def _preprocess(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         if not isinstance(image, Image.Image | torch.Tensor):
             raise TypeError(f"expected a PIL image or a uint8 CHW tensor, got {type(image)}")
+        if isinstance(image, torch.Tensor) and image.is_floating_point():
+            size = self.card.preprocessing.image_size
+            if tuple(image.shape) != (3, size, size):
+                raise TypeError(
+                    f"a prepared image is (3, {size}, {size}), got {tuple(image.shape)}"
+                )
+            return image  # prepared by `prepare`
         tensor = self.embedder.preprocess(image)
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
             raise TypeError(f"preprocessing gave {type(tensor)}, not a CHW tensor")
@@ -219,7 +235,8 @@ class BatchingEmbedder:
 
 
 class EmbedderRegistry:
-    """One `BatchingEmbedder` per model key, loaded on first use and shared.
+    """One `BatchingEmbedder` per model key, loaded on first use and shared; each runs on
+    ONNX Runtime when its export checks out (`training.export`), else on torch.
 
     `get` is thread-safe: concurrent first calls for one key load the model once (others wait);
     different keys load in parallel. Loading takes seconds: from async code use `aget`.
@@ -232,11 +249,13 @@ class EmbedderRegistry:
         max_wait_ms: float = 5.0,
         threads: int = 0,
         on_batch: BatchHook | None = None,
+        backend: Backend = "auto",
     ) -> None:
         self.device = device
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.threads = threads
+        self.backend = backend
         self.on_batch = on_batch
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
@@ -261,8 +280,20 @@ class EmbedderRegistry:
                         "evict it before loading another artifact under the same key"
                     )
                 return embedder
+            loaded_embedder = load_inference_embedder(
+                artifact_dir,
+                device=self.device,
+                backend=self.backend,
+                threads=self.threads or None,
+            )
+            logger.info(
+                "model %s embeds with %s (%s)",
+                model_key,
+                loaded_embedder.backend,
+                loaded_embedder.backend_reason,
+            )
             embedder = BatchingEmbedder(
-                load_embedder(artifact_dir, device=self.device),
+                loaded_embedder,
                 max_batch=self.max_batch,
                 max_wait_ms=self.max_wait_ms,
                 threads=self.threads,

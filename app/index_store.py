@@ -34,8 +34,9 @@ faiss 1.15.1), p50 / p95 ms per query:
 With 2 OpenMP threads on that busy host, flat at 100k took 26-76 ms p50 instead of 2.5 ms:
 OpenMP threads fight for the cores. Hence `set_search_threads` (default 1, applied in the thread
 that searches: OpenMP's thread count is per calling thread) and `Settings.faiss_search_threads`.
-Exact search stays under ~7 ms up to about 200k vectors, well below a query's CPU embedding
-time, which is `Settings.hnsw_suggest_threshold` (200,000); past 1M flat costs 50+ ms per query.
+Exact search costs about size x dimension (75 ms per query for 100k 1280-d vectors, the
+built-in model's size): `GalleryIndex.estimated_exact_search_ms`, measured on each index's own
+searches, decides when an HNSW index is suggested (`Settings.exact_search_budget_ms`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import math
 import os
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -67,6 +69,13 @@ DEFAULT_COMPACT_FRACTION = 0.2
 HNSW_M = 32
 DEFAULT_EF_SEARCH = 64
 DEFAULT_EF_CONSTRUCTION = 40
+# Exact search reads every stored float once per query, so its cost grows with size x dimension;
+# at scale it is bound by memory bandwidth. 1280-d flat took 75 ms per query at 100k vectors and
+# 358 ms at 1M on one thread of the development machine (benchmarks/index_latency.py): about
+# 0.3-0.6 ns per stored float; the higher figure is used until a gallery's own searches say more.
+FLAT_SECONDS_PER_FLOAT = 75e-3 / (100_000 * 1280)
+# Searches over fewer floats than this say little about the cost at scale (fixed overheads).
+MEASURE_MIN_FLOATS = 4_000_000
 
 _search_threads = 1
 
@@ -80,6 +89,13 @@ def set_search_threads(threads: int) -> None:
 def _apply_search_threads() -> None:
     if faiss.omp_get_max_threads() != _search_threads:
         faiss.omp_set_num_threads(_search_threads)  # per calling thread in OpenMP
+
+
+def exact_search_ms(
+    vectors: int, dimension: int, seconds_per_float: float = FLAT_SECONDS_PER_FLOAT
+) -> float:
+    """Estimated milliseconds of one exact (flat) search over `vectors` of `dimension`."""
+    return seconds_per_float * vectors * dimension * 1000
 
 
 class IndexType(StrEnum):
@@ -238,6 +254,8 @@ class GalleryIndex:
         self._lock = _RWLock()
         self._compaction = threading.Lock()
         self._oplog: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
+        # Seconds per stored float per query of this index's unfiltered exact searches (EWMA).
+        self._measured_seconds_per_float: float | None = None
 
     # Construction.
 
@@ -328,8 +346,11 @@ class GalleryIndex:
         queries = _normalised(queries, self.dimension, "query vectors")
         _apply_search_threads()
         allowed = None if allowed_ids is None else np.unique(_as_ids(allowed_ids, "allowed_ids"))
+        started = time.perf_counter()
         with self._lock.read():
             labels, scores = self._search_locked(self._state, queries, k + offset, allowed)
+        if self.index_type is IndexType.flat and allowed is None:
+            self._record_cost(time.perf_counter() - started, len(queries))
         results = []
         for row_ids, row_scores in zip(labels, scores, strict=True):
             page_ids, page_scores = row_ids[offset : offset + k], row_scores[offset : offset + k]
@@ -340,6 +361,24 @@ class GalleryIndex:
             ]
             results.append(hits)
         return results
+
+    def _record_cost(self, seconds: float, queries: int) -> None:
+        floats = len(self) * self.dimension
+        if floats < MEASURE_MIN_FLOATS or queries == 0:
+            return
+        sample = seconds / (queries * floats)
+        previous = self._measured_seconds_per_float
+        self._measured_seconds_per_float = (
+            sample if previous is None else 0.8 * previous + 0.2 * sample
+        )
+
+    def estimated_exact_search_ms(self, vectors: int | None = None) -> float:
+        """What one unfiltered exact search over `vectors` (default: this index's size) costs:
+        measured on this index's own searches once it is large enough, else estimated."""
+        count = len(self) if vectors is None else vectors
+        return exact_search_ms(
+            count, self.dimension, self._measured_seconds_per_float or FLAT_SECONDS_PER_FLOAT
+        )
 
     def _search_locked(
         self, state: _State, queries: np.ndarray, want: int, allowed: np.ndarray | None

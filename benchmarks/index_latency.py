@@ -1,4 +1,4 @@
-"""Flat vs HNSW search latency on this CPU, to set `Settings.hnsw_suggest_threshold`.
+"""Flat vs HNSW search latency on this CPU (`app.index_store.FLAT_SECONDS_PER_FLOAT`).
 
     .venv/bin/python benchmarks/index_latency.py [--sizes 100000 1000000] [--dim 128]
 

@@ -1,132 +1,119 @@
-"""HTTP search latency and throughput of the service against the raw cost of the same work.
+"""Search latency and throughput of the service as shipped, against the raw floor and a naive peer.
 
-For each gallery size: a gallery of synthetic unit vectors (inserted straight into the database,
-so building it costs no embedding), then, interleaved query by query and block by block so that
-both sides see the same background load:
+Setup: the built-in model (EfficientNet-Lite0 ImageNet features, 224 px, 1280-d, registered as
+`lookalike serve` registers it, with its ONNX export) and a gallery of --gallery-size vectors
+(synthetic: a search's cost does not depend on what the vectors hold). Queries are 320x240
+JPEG photos-sized drawings, so decoding costs what it does in practice.
 
-- raw, in this process, no web layer: decode a JPEG + forward pass + exact FAISS search, one
-  query at a time (p50/p95), and batched (blocks of --batch queries: images/s);
-- HTTP against `uvicorn --factory app.main:create_app` in a subprocess: POST .../search one
-  request at a time (p50/p95), and from --concurrency clients at once (requests/s). Clients are
-  keep-alive `http.client` connections sending pre-encoded multipart bodies: a lean client, so
-  the figure is the service's cost and not a Python HTTP library's (httpx adds about 1 ms of
-  its own per request here, which a curl or Go client would not).
+Contenders, measured in every round, in an order that rotates from round to round, so that
+all see the same background load:
 
-The model is EfficientNet-Lite0 at 224 px with a 128-d linear head (a trained DML model's
-shape; random weights: the cost is what matters). Both sides use --threads torch threads
-(default 1: on a small, shared machine more threads oversubscribe the cores and every
-measurement gets slower and noisier).
+- **floor**: the same work in this process, no web layer: decode, preprocess, forward on the
+  service's backend (ONNX Runtime) with one thread, exact FAISS search. At batch 1 (p50/p95)
+  and batched (blocks of --batch: images/s, the ceiling for throughput).
+- **lookalike**: `lookalike serve` in a subprocess with its defaults (thread policy, backend,
+  micro-batching, local workers), from a clean environment: what users run.
+- **naive** (--peer): `benchmarks/naive_server.py`, a plain FastAPI handler (PIL decode, torch
+  at batch 1, exact FAISS, no batching, default threads).
 
-    python benchmarks/search_latency.py --sizes 1000 100000 --json runs/search_latency.json
+For each server: p50/p95 of sequential requests at 1 client, then requests/s with 1, 4 and 16
+keep-alive clients for --seconds each, and for lookalike the mean micro-batch it formed (from
+its /metrics). Ratios are to the floor of the same round: latency to its batch-1 p50,
+throughput to its batched images/s. The load average is recorded per round. --hog N runs N
+busy processes alongside, as on a shared host.
+
+    python benchmarks/search_latency.py --peer --rounds 3 --json runs/search_latency.json
+    python benchmarks/search_latency.py --peer --rounds 3 --hog 2 --json runs/search_hog.json
 """
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import io
-import json
 import os
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image as PILImage
-from sqlalchemy import insert
+# The servers start from the environment the user had, before importing `app` set the thread
+# policy's variables in this process.
+CLEAN_ENVIRONMENT = dict(os.environ)
 
-from app.core.config import Settings
-from app.db.migrate import upgrade
-from app.db.models import Image, ImageEmbedding
-from app.db.session import make_engine, make_session_factory
-from app.imaging import open_upload
-from app.services import galleries, models
-from app.services.indexes import build_index
-from training.checkpoint import ModelCard, Preprocessing, load_embedder, save_artifact
-from training.models.embedding import EmbeddingModel, ModelSpec
+import argparse  # noqa: E402
+import http.client  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
+
+from app.core.config import Settings  # noqa: E402
+from app.db.migrate import upgrade  # noqa: E402
+from app.db.models import Image, ImageEmbedding  # noqa: E402
+from app.db.session import make_engine, make_session_factory  # noqa: E402
+from app.imaging import open_upload  # noqa: E402
+from app.services import galleries, models  # noqa: E402
+from training.export import load_inference_embedder  # noqa: E402
+from training.threads import ThreadPolicy, apply  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.conftest import draw_sample  # noqa: E402  (the test pictures, upscaled)
 
 K = 10
+CLIENTS = (1, 4, 16)
 
 
-def write_model(directory: Path, dim: int) -> Path:
-    model = EmbeddingModel(ModelSpec(embedding_dim=dim), weights="none").eval()
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=dim,
-        preprocessing=Preprocessing(
-            image_size=224,
-            test_crop_pct=0.875,
-            interpolation=info.interpolation,
-            mean=info.mean,
-            std=info.std,
-        ),
-        method={"name": "benchmark", "params": {}},
-    )
-    return save_artifact(directory, model, card)
-
-
-def prepare(data_dir: Path, size: int, dim: int, threads: int) -> tuple[Settings, int]:
-    """Database at head, the model registered, a gallery of `size` synthetic vectors."""
-    write_model(data_dir / "model-root" / "bench", dim)
-    settings = Settings(
-        data_dir=data_dir / "data",
-        model_root=data_dir / "model-root",
-        seed_builtin_model=False,
-        auto_api_key=False,
-        torch_threads=threads,
-    )
+def prepare(root: Path, size: int) -> tuple[Settings, int, Path, Path]:
+    """The database at head with the built-in model and a gallery of `size` vectors; returns
+    the settings, the gallery id, the model's artifact and the vectors (.npy, for the peer)."""
+    settings = Settings(data_dir=root / "data", auto_api_key=False)
     upgrade(settings)
     engine = make_engine(settings)
     with make_session_factory(engine)() as session:
-        model = models.register_path(session, settings, "bench", "bench")
+        model = models.ensure_builtin(session, settings)
         gallery = galleries.create_gallery(session, "bench", model.id)
         rng = np.random.default_rng(0)
-        for start in range(0, size, 5000):
-            count = min(5000, size - start)
-            vectors = rng.normal(size=(count, dim)).astype(np.float32)
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            rows = [
-                {
-                    "id": start + i + 1,
-                    "gallery_id": gallery.id,
-                    "content_hash": f"{start + i:064x}",
-                    "file_name": f"synthetic/{start + i}.jpg",
-                    "content_type": "image/jpeg",
-                    "width": 1,
-                    "height": 1,
-                    "size_bytes": 0,
-                    "label": f"class-{(start + i) % 100}",
-                    "meta": {},
-                }
-                for i in range(count)
-            ]
-            session.execute(insert(Image), rows)
-            session.execute(
-                insert(ImageEmbedding),
-                [
-                    {"image_id": row["id"], "model_id": model.id, "vector": v.tobytes()}
-                    for row, v in zip(rows, vectors, strict=True)
-                ],
-            )
+        vectors = rng.normal(size=(size, model.embedding_dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        rows = [
+            {
+                "id": i + 1,
+                "gallery_id": gallery.id,
+                "content_hash": f"{i:064x}",
+                "file_name": f"synthetic/{i}.jpg",
+                "content_type": "image/jpeg",
+                "width": 1,
+                "height": 1,
+                "size_bytes": 0,
+                "label": f"class-{i % 100}",
+                "meta": {},
+            }
+            for i in range(size)
+        ]
+        session.execute(insert(Image), rows)
+        session.execute(
+            insert(ImageEmbedding),
+            [
+                {"image_id": row["id"], "model_id": model.id, "vector": v.tobytes()}
+                for row, v in zip(rows, vectors, strict=True)
+            ],
+        )
         session.commit()
+        artifact = models.artifact_dir(settings, model)
+        gallery_id = gallery.id
     engine.dispose()
-    return settings, gallery.id
+    np.save(root / "vectors.npy", vectors)
+    return settings, gallery_id, artifact, root / "vectors.npy"
 
 
 def query_images(count: int) -> list[bytes]:
-    """JPEG photos-sized queries (320x240), so decoding costs what it does in practice."""
     out = []
     for i in range(count):
         buffer = io.BytesIO()
@@ -137,7 +124,6 @@ def query_images(count: int) -> list[bytes]:
 
 
 def multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
-    """A multipart/form-data body with one file part named "image", and its content type."""
     boundary = "lookalike-benchmark-boundary"
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
@@ -161,24 +147,34 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     }
 
 
-class Raw:
-    """The same work without the web layer: decode, forward pass, exact FAISS search."""
+class Floor:
+    """Decode + preprocess + forward (the service's backend, one thread) + exact FAISS."""
 
-    def __init__(self, settings: Settings, gallery_id: int, threads: int) -> None:
-        torch.set_num_threads(threads)
-        engine = make_engine(settings)
-        with make_session_factory(engine)() as session:
-            gallery = galleries.get_gallery(session, gallery_id)
-            self.index = build_index(session, gallery)
-            self.embedder = load_embedder(models.artifact_dir(settings, gallery.model))
-        engine.dispose()
-        self.max_pixels = settings.max_image_pixels
+    def __init__(self, artifact: Path, vectors: np.ndarray, max_pixels: int) -> None:
+        self.embedder = load_inference_embedder(artifact, threads=1)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+        self.max_pixels = max_pixels
 
-    def search(self, datas: list[bytes]) -> float:
-        started = time.perf_counter()
+    def search(self, datas: list[bytes]) -> None:
         pictures = [open_upload(d, max_pixels=self.max_pixels) for d in datas]
-        self.index.search(self.embedder.embed(pictures), K)
-        return time.perf_counter() - started
+        self.index.search(self.embedder.embed(pictures, batch_size=len(pictures)), K)
+
+    def measure(self, queries: list[bytes], batch: int, seconds: float) -> dict:
+        latencies = []
+        for data in queries:
+            started = time.perf_counter()
+            self.search([data])
+            latencies.append(time.perf_counter() - started)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for begin in range(0, len(queries) - batch + 1, batch):
+                self.search(queries[begin : begin + batch])
+                done += batch
+        return {
+            **percentiles(latencies),
+            "batched_images_per_s": round(done / (time.perf_counter() - started), 2),
+        }
 
 
 def free_port() -> int:
@@ -187,170 +183,268 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(settings: Settings, port: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "LOOKALIKE_DATA_DIR": str(settings.data_dir),
-        "LOOKALIKE_MODEL_ROOT": str(settings.model_root),
-        "LOOKALIKE_SEED_BUILTIN_MODEL": "false",
-        "LOOKALIKE_AUTO_API_KEY": "false",
-        "LOOKALIKE_TORCH_THREADS": str(settings.torch_threads),
-    }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
-    command += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+class Server:
+    """A server subprocess answering POST `path` (multipart: image, k)."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], path: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.path = path
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.local = threading.local()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{name} exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"{name} did not become ready")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
-            connection.request("GET", "/readyz")
-            if connection.getresponse().status == 200:
-                return process
-        except OSError:
-            time.sleep(0.5)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
         finally:
             connection.close()
-    process.kill()
-    raise SystemExit("the server did not become ready")
 
-
-def measure(
-    settings: Settings,
-    gallery_id: int,
-    queries: list[bytes],
-    *,
-    threads: int,
-    batch: int,
-    concurrency: int,
-    rounds: int,
-) -> dict:
-    """Raw and HTTP measurements interleaved (query by query, block by block), so both see the
-    same background load on a shared machine."""
-    port = free_port()
-    server = serve(settings, port)
-    raw = Raw(settings, gallery_id, threads)
-    path = f"/api/v1/galleries/{gallery_id}/search"
-    bodies = {data: multipart(data, {"k": str(K)}) for data in queries}
-    local = threading.local()
-
-    server_ms: list[float] = []  # the service's own `took_ms`: no transport, no web layer
-
-    def post(data: bytes) -> float:
-        if not hasattr(local, "connection"):
-            local.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        body, content_type = bodies[data]
+    def post(self, body: tuple[bytes, str]) -> float:
+        if getattr(self.local, "port", None) != self.port:
+            self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            self.local.port = self.port
         started = time.perf_counter()
-        local.connection.request("POST", path, body, {"Content-Type": content_type})
-        response = local.connection.getresponse()
+        self.local.connection.request("POST", self.path, body[0], {"Content-Type": body[1]})
+        response = self.local.connection.getresponse()
         payload = response.read()
-        elapsed = time.perf_counter() - started
         if response.status != 200:
-            raise RuntimeError(f"search failed ({response.status}): {payload[:200]!r}")
-        server_ms.append(json.loads(payload)["took_ms"])
-        return elapsed
+            raise RuntimeError(f"{self.name}: search failed ({response.status}): {payload[:200]!r}")
+        return time.perf_counter() - started
 
-    try:
-        for data in queries[:5]:  # warm-up: oneDNN picks its kernels per input shape
-            raw.search([data])
-            post(data)
-        raw.search(queries[:batch])
-        raw_single, http_single = [], []
-        server_ms.clear()
-        for data in queries:
-            raw_single.append(raw.search([data]))
-            http_single.append(post(data))
-        service_p50 = statistics.median(server_ms)
-        raw_rates, http_rates, loaded = [], [], []
-        blocks = [queries[i : i + batch] for i in range(0, len(queries) - batch + 1, batch)]
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(post, queries[:concurrency]))  # every client connected
-            for _ in range(rounds):
-                seconds = sum(raw.search(block) for block in blocks)
-                raw_rates.append(len(blocks) * batch / seconds)
-                started = time.perf_counter()
-                loaded += pool.map(post, queries)
-                http_rates.append(len(queries) / (time.perf_counter() - started))
-        return {
-            "raw": {
-                **percentiles(raw_single),
-                "batched_images_per_s": round(statistics.median(raw_rates), 2),
-            },
-            "http": {
-                **percentiles(http_single),
-                "service_p50_ms": round(service_p50, 2),
-                "concurrent_p50_ms": percentiles(loaded)["p50_ms"],
-                "throughput_per_s": round(statistics.median(http_rates), 2),
-            },
-        }
-    finally:
-        server.terminate()
-        server.wait()
+    def batch_counts(self) -> tuple[float, float] | None:
+        """(images, forward passes) so far, from lookalike's /metrics; None for other servers."""
+        status, text = self.get("/metrics")
+        if status != 200:
+            return None
+        values = {}
+        for line in text.decode().splitlines():
+            for key in (
+                "lookalike_embedding_batch_size_sum",
+                "lookalike_embedding_batch_size_count",
+            ):
+                if line.startswith(key + " "):
+                    values[key] = float(line.split()[1])
+        if len(values) != 2:
+            return None
+        return (
+            values["lookalike_embedding_batch_size_sum"],
+            values["lookalike_embedding_batch_size_count"],
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def closed_loop(post: Callable[[], float], clients: int, seconds: float) -> float:
+    """Requests/s with `clients` threads posting back to back for `seconds`."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * clients
+    errors: list[BaseException] = []
+
+    def client(slot: int) -> None:
+        try:
+            while time.perf_counter() < stop:
+                post()
+                counts[slot] += 1
+        except BaseException as error:  # reported after the run
+            errors.append(error)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def measure_server(server: Server, bodies: list[tuple[bytes, str]], seconds: float) -> dict:
+    for body in bodies[:4]:  # warm-up
+        server.post(body)
+    latencies = [server.post(body) for body in bodies]
+    result: dict = {**percentiles(latencies)}
+    cursor = iter(range(10**9))
+
+    def post() -> float:
+        return server.post(bodies[next(cursor) % len(bodies)])
+
+    for clients in CLIENTS:
+        before = server.batch_counts()
+        result[f"req_per_s_{clients}"] = round(closed_loop(post, clients, seconds), 2)
+        after = server.batch_counts()
+        if before and after and after[1] > before[1]:
+            result[f"mean_batch_{clients}"] = round(
+                (after[0] - before[0]) / (after[1] - before[1]), 2
+            )
+    return result
+
+
+def start_hogs(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def summarise(rounds: list[dict], names: list[str]) -> dict:
+    """Medians over rounds, each contender as ratios to the same round's floor."""
+    summary = {}
+    for name in names:
+        row: dict = {}
+        keys = ["p50_ms", "p95_ms", *(f"req_per_s_{c}" for c in CLIENTS)]
+        keys += [f"mean_batch_{c}" for c in CLIENTS if f"mean_batch_{c}" in rounds[0][name]]
+        for key in keys:
+            values = [r[name][key] for r in rounds]
+            row[key] = round(statistics.median(values), 2)
+        latency_ratios = [r[name]["p50_ms"] / r["floor"]["p50_ms"] for r in rounds]
+        row["p50_vs_floor"] = round(statistics.median(latency_ratios), 2)
+        for clients in CLIENTS:
+            ratios = [
+                r[name][f"req_per_s_{clients}"] / r["floor"]["batched_images_per_s"] for r in rounds
+            ]
+            row[f"req_per_s_{clients}_vs_floor"] = round(statistics.median(ratios), 2)
+            row[f"req_per_s_{clients}_vs_floor_min_max"] = [
+                round(min(ratios), 2),
+                round(max(ratios), 2),
+            ]
+        summary[name] = row
+    floor = [r["floor"] for r in rounds]
+    summary["floor"] = {
+        "p50_ms": round(statistics.median(f["p50_ms"] for f in floor), 2),
+        "p95_ms": round(statistics.median(f["p95_ms"] for f in floor), 2),
+        "batched_images_per_s": round(
+            statistics.median(f["batched_images_per_s"] for f in floor), 2
+        ),
+    }
+    return summary
+
+
+def print_table(summary: dict, names: list[str], rounds: list[dict], batch: int) -> None:
+    loads = [load for r in rounds for load in r["load_average"]]
+    floor = summary["floor"]
+    print(
+        f"\n{len(rounds)} rounds, load average {min(loads):.1f}-{max(loads):.1f}; floor: p50 "
+        f"{floor['p50_ms']} ms, batched (x{batch}) {floor['batched_images_per_s']} images/s\n"
+    )
+    print(
+        "| contender | p50 / p95 at 1 client (ms) | p50 vs floor | "
+        + " | ".join(f"req/s at {c} (vs floor, min-max)" for c in CLIENTS)
+        + " |"
+    )
+    print("|---|---|---|" + "---|" * len(CLIENTS))
+    for name in names:
+        row = summary[name]
+        cells = []
+        for c in CLIENTS:
+            low, high = row[f"req_per_s_{c}_vs_floor_min_max"]
+            batch_note = f", batch {row[f'mean_batch_{c}']}" if f"mean_batch_{c}" in row else ""
+            cells.append(
+                f"{row[f'req_per_s_{c}']} ({row[f'req_per_s_{c}_vs_floor']:.2f}x, "
+                f"{low:.2f}-{high:.2f}{batch_note})"
+            )
+        print(
+            f"| {name} | {row['p50_ms']} / {row['p95_ms']} | {row['p50_vs_floor']:.2f}x | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000])
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--queries", type=int, default=64, help="distinct query images")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="throughput blocks per side")
-    parser.add_argument("--batch", type=int, default=16, help="raw batched query size")
+    parser.add_argument("--gallery-size", type=int, default=2028)
+    parser.add_argument("--queries", type=int, default=32, help="distinct query images")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per throughput level")
+    parser.add_argument("--batch", type=int, default=16, help="the floor's batched size")
+    parser.add_argument("--peer", action="store_true", help="also measure the naive server")
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads on both sides; more than the idle cores oversubscribes the CPU",
+        "--workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run `lookalike serve` with its local workers (the default command)",
     )
+    parser.add_argument("--hog", type=int, default=0, help="busy processes alongside")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    apply(ThreadPolicy.resolve(threads=1))  # the floor: one thread
+
     queries = query_images(args.queries)
-    results = []
-    for size in args.sizes:
-        with tempfile.TemporaryDirectory(prefix="search-latency-") as tmp:
-            settings, gallery_id = prepare(Path(tmp), size, args.dim, args.threads)
-            measured = measure(
-                settings,
-                gallery_id,
-                queries,
-                threads=args.threads,
-                batch=args.batch,
-                concurrency=args.concurrency,
-                rounds=args.rounds,
-            )
-        raw, http = measured["raw"], measured["http"]
-        row = {
-            "gallery_size": size,
-            "raw": raw,
-            "http": http,
-            "p50_overhead": round(http["p50_ms"] / raw["p50_ms"] - 1, 3),
-            "throughput_vs_raw_batched": round(
-                http["throughput_per_s"] / raw["batched_images_per_s"], 3
-            ),
-        }
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    report = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__},
-        "model": f"efficientnet_lite0 224px, {args.dim}-d head",
-        "k": K,
-        "concurrency": args.concurrency,
-        "results": results,
-    }
-    print(
-        "| gallery | raw p50 / p95 (ms) | HTTP p50 / p95 (ms) | in-service p50 (ms) | "
-        "p50 overhead | raw batched (img/s) | HTTP x16 (req/s) | ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for row in results:
-        raw, http = row["raw"], row["http"]
-        print(
-            f"| {row['gallery_size']:,} | {raw['p50_ms']} / {raw['p95_ms']} | {http['p50_ms']} / "
-            f"{http['p95_ms']} | {http['service_p50_ms']} | {row['p50_overhead']:+.1%} | "
-            f"{raw['batched_images_per_s']} | "
-            f"{http['throughput_per_s']} | {row['throughput_vs_raw_batched']:.0%} |"
-        )
+    bodies = [multipart(data, {"k": str(K)}) for data in queries]
+    hogs = start_hogs(args.hog)
+    servers: list[Server] = []
+    rounds: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="search-latency-") as tmp:
+        try:
+            settings, gallery_id, artifact, vectors_path = prepare(Path(tmp), args.gallery_size)
+            floor = Floor(artifact, np.load(vectors_path), settings.max_image_pixels)
+            env = {
+                **CLEAN_ENVIRONMENT,
+                "LOOKALIKE_DATA_DIR": str(settings.data_dir),
+                "LOOKALIKE_AUTO_API_KEY": "false",
+            }
+            serve = [sys.executable, "-m", "app.cli", "serve"]
+            if not args.workers:
+                serve.append("--no-workers")
+            path = f"/api/v1/galleries/{gallery_id}/search"
+            servers.append(Server("lookalike", serve, env, path))
+            if args.peer:
+                naive = [sys.executable, "benchmarks/naive_server.py", "--model", str(artifact)]
+                naive += ["--vectors", str(vectors_path)]
+                servers.append(Server("naive", naive, dict(CLEAN_ENVIRONMENT), "/search"))
+            for number in range(args.rounds):
+                contenders: list[str | Server] = ["floor", *servers]
+                shift = number % len(contenders)
+                contenders = contenders[shift:] + contenders[:shift]
+                measured: dict = {"load_average": []}
+                for contender in contenders:
+                    measured["load_average"].append(round(os.getloadavg()[0], 2))
+                    if isinstance(contender, Server):
+                        measured[contender.name] = measure_server(contender, bodies, args.seconds)
+                    else:
+                        measured["floor"] = floor.measure(queries, args.batch, args.seconds)
+                rounds.append(measured)
+                print(json.dumps({"round": number, **measured}), flush=True)
+        finally:
+            for server in servers:
+                server.stop()
+            for hog in hogs:
+                hog.kill()
+    names = [s.name for s in servers]
+    summary = summarise(rounds, names)
+    print_table(summary, names, rounds, args.batch)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "machine": {"cpus": os.cpu_count(), "hogs": args.hog},
+            "gallery_size": args.gallery_size,
+            "workers": args.workers,
+            "rounds": rounds,
+            "summary": summary,
+        }
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -151,12 +151,19 @@ class Embedder:
         card: ModelCard,
         extras: dict[str, torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
+        forward: Callable[[torch.Tensor], np.ndarray] | None = None,
+        backend: str = "torch",
+        backend_reason: str = "",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().to(memory_format=torch.channels_last)
         self.card = card
         self.extras = extras or {}
         self.transform = build_test_transform(card.preprocessing.transform_config())
+        # Another runtime's forward pass (`training.export.load_inference_embedder`), or torch.
+        self._forward = forward or self._torch_forward
+        self.backend = backend
+        self.backend_reason = backend_reason
 
     @property
     def dimension(self) -> int:
@@ -185,11 +192,14 @@ class Embedder:
             ]
         if not batches:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        outputs = []
-        for batch in batches:
-            batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-            outputs.append(self.model.embed(batch).cpu())
-        return torch.cat(outputs).numpy().astype(np.float32, copy=False)
+        return np.concatenate([self._forward(batch) for batch in batches]).astype(
+            np.float32, copy=False
+        )
+
+    @torch.inference_mode()
+    def _torch_forward(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model.embed(batch).cpu().numpy()
 
 
 def load_embedder(directory: Path, device: str | torch.device = "cpu") -> Embedder:

@@ -344,6 +344,32 @@ def pretrained(
     console.print(f"wrote pretrained {backbone} ({model.embedding_dim}-d) to {out}")
 
 
+@app.command()
+@_user_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="model artifact directory")],
+    out: Annotated[
+        Path | None, typer.Option(help="where to write it; default MODEL/model.onnx")
+    ] = None,
+    format: Annotated[str, typer.Option(help="onnx (the only format so far)")] = "onnx",
+) -> None:
+    """Export a model for serving elsewhere: ONNX with a dynamic batch axis, input `images`
+    (N, 3, H, W) preprocessed as the card says, output `embeddings` (N, d), L2-normalised;
+    checked against torch before it is written."""
+    from training.export import MIN_COSINE, ExportError, export_onnx
+
+    if format != "onnx":
+        raise ValueError(f"unknown format {format!r}; the only one is onnx")
+    try:
+        written = export_onnx(model, out)
+    except ExportError as error:
+        raise ValueError(f"could not export {model}: {error}") from error
+    console.print(
+        f"wrote {written} (embeddings within cosine {MIN_COSINE} of torch's on the check "
+        f"images; record in {written.name}.json)"
+    )
+
+
 def _mount_data_commands() -> None:
     from training.data.benchmarks.cli import app as data_app
 

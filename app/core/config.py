@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.threads import ThreadPolicy
 
 
 class Settings(BaseSettings):
@@ -63,7 +66,24 @@ class Settings(BaseSettings):
     )
 
     # Compute.
-    torch_threads: int = Field(0, description="Intra-op threads for embedding; 0 = torch default.")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of each compute pool (torch, ONNX Runtime, OpenMP, BLAS) "
+        "in each process; 0 = the CPUs the process may use divided by CPU_SHARERS "
+        "(docs/service.md, Threads).",
+    )
+    cpu_sharers: int = Field(
+        0,
+        ge=0,
+        description="Processes sharing this process's CPUs; 0 = 1, or the API plus its local "
+        "workers under `lookalike serve`. Under compose each container has its own CPUs.",
+    )
+    embed_backend: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="Runtime of the embedding forward pass: auto = ONNX Runtime on a CPU when "
+        "the model's ONNX export matches torch, else torch.",
+    )
     device: str = Field("cpu", description="Device the API embeds on (cpu or cuda).")
     embed_batch_size: int = Field(32, description="Largest micro-batch the embedder forms.")
     embed_max_wait_ms: float = Field(
@@ -71,10 +91,12 @@ class Settings(BaseSettings):
         description="How long the embedder waits for more requests after the first; 0 still "
         "batches under load (requests queue while a batch runs) and adds no latency when idle.",
     )
-    hnsw_suggest_threshold: int = Field(
-        200_000,
-        description="Gallery size above which an approximate index is suggested (exact 128-d "
-        "search takes ~7 ms per query there on 1 core vs ~0.15 ms HNSW; see app/index_store.py).",
+    exact_search_budget_ms: float = Field(
+        10.0,
+        gt=0,
+        description="An approximate (HNSW) index is suggested for a flat gallery whose exact "
+        "search costs more than this per query: size x dimension, measured on the gallery's "
+        "own searches (1280-d: about 13k images; 128-d: about 130k).",
     )
     faiss_search_threads: int = Field(
         1,
@@ -139,6 +161,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    def thread_policy(self) -> ThreadPolicy:
+        """Threads per compute pool in this process (`training.threads`)."""
+        return ThreadPolicy.resolve(threads=self.threads, sharers=self.cpu_sharers)
 
     @property
     def datasets_dir(self) -> Path:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding, IndexVersion, Model
-from app.index_store import IndexType
+from app.index_store import IndexType, exact_search_ms
 from app.services.errors import Conflict, Invalid, NotFound
 from app.services.models import BUILTIN_MODEL, get_model
 from app.services.runtime import Runtime
@@ -173,8 +173,16 @@ def _info(
     if index is not None and runtime.indexes.is_current(gallery):
         vectors = len(index)
     suggestion = None
-    if gallery.index_type == IndexType.flat and count > runtime.settings.hnsw_suggest_threshold:
-        suggestion = IndexType.hnsw.value
+    if gallery.index_type == IndexType.flat:
+        # By what an exact search costs (size x dimension, measured once the index is searched),
+        # not by a count: 200k 128-d vectors cost what 20k 1280-d ones do.
+        cost_ms = (
+            index.estimated_exact_search_ms(count)
+            if index is not None
+            else exact_search_ms(count, gallery.model.embedding_dim)
+        )
+        if cost_ms > runtime.settings.exact_search_budget_ms:
+            suggestion = IndexType.hnsw.value
     return GalleryInfo(gallery, count, labelled, vectors, suggestion)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image as PILImage
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +26,7 @@ from app.core.config import Settings
 from app.db.models import Gallery, Image, ImageEmbedding, Model
 from app.imaging import ImageRejected, content_hash, open_upload, sniff_content_type
 from app.imaging import thumbnail_bytes as make_thumbnail
+from app.pipeline import prefetch
 from app.services.errors import Conflict, NotFound
 from app.services.galleries import get_gallery, missing_embeddings
 from app.services.models import embedder_for, get_model
@@ -303,29 +305,39 @@ def embed_missing(
     model = get_model(session, model_id)
     embedder = embedder_for(runtime, model)
     todo = missing_embeddings(session, gallery_id, model_id)
+    files = dict(
+        session.execute(select(Image.id, Image.file_name).where(Image.gallery_id == gallery_id))
+        .tuples()
+        .all()
+    )
+    settings = runtime.settings
+
+    def prepared_batches() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """Read, decode and preprocess the next batch (in `prefetch`'s thread)."""
+        for start in range(0, len(todo), batch_size):
+            ids = [i for i in todo[start : start + batch_size] if i in files]
+            pictures = [
+                open_upload(
+                    (settings.uploads_dir / files[i]).read_bytes(),
+                    max_pixels=settings.max_image_pixels,
+                )
+                for i in ids
+            ]
+            yield ids, embedder.prepare(pictures)
+
     done = 0
-    for start in range(0, len(todo), batch_size):
-        images = session.scalars(
-            select(Image).where(Image.id.in_(todo[start : start + batch_size]))
-        ).all()
-        pictures = [
-            open_upload(
-                image_path(runtime.settings, image).read_bytes(),
-                max_pixels=runtime.settings.max_image_pixels,
-            )
-            for image in images
-        ]
-        vectors = embedder.embed_sync(pictures)
+    for ids, tensors in prefetch(prepared_batches(), name=f"index-{gallery_id}-decode"):
+        vectors = embedder.embed_sync(tensors)
         session.add_all(
-            ImageEmbedding(image_id=image.id, model_id=model_id, vector=vector.tobytes())
-            for image, vector in zip(images, vectors, strict=True)
+            ImageEmbedding(image_id=image_id, model_id=model_id, vector=vector.tobytes())
+            for image_id, vector in zip(ids, vectors, strict=True)
         )
         try:
             session.commit()
         except IntegrityError:  # deleted or embedded concurrently: the next pass sees it
             session.rollback()
             continue
-        done += len(images)
+        done += len(ids)
         if progress is not None:
             progress(done, len(todo))
     return done

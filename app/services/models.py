@@ -1,9 +1,12 @@
 """Registering embedding models: an artifact (card.json + model.safetensors, see
 `training.checkpoint`) is validated by loading it, copied under Settings.models_dir with a
-server-generated name and never changed again (a model version is immutable)."""
+server-generated name and never changed again (a model version is immutable). Its ONNX export
+(`training.export`), derived from the weights and checked against them, is made at
+registration so that the service embeds on ONNX Runtime from the first search."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -19,6 +22,9 @@ from app.services.errors import Conflict, Invalid, NotFound
 from app.services.runtime import Runtime
 from training.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_model
 from training.evaluation.cluster_classifier import ClusterClassifier
+from training.export import ExportError, ensure_export
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_MODEL = "pretrained-efficientnet-lite0"
 
@@ -103,6 +109,11 @@ def _register_staged(
     except CheckpointError as error:
         message = str(error).replace(str(staging), "the artifact")
         raise Invalid(f"not a valid model artifact: {message}") from error
+    if settings.embed_backend != "torch" and settings.device == "cpu":
+        try:  # now, so the first search does not wait for it
+            ensure_export(staging)
+        except ExportError as error:  # the embedder falls back to torch and logs why
+            logger.warning("model %r has no ONNX export: %s", name, error)
     artifact = uuid.uuid4().hex
     model = Model(
         name=name,

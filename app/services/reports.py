@@ -292,7 +292,6 @@ def tsne_points(settings: Settings, report: Report, split: str) -> dict[str, Any
 
 
 def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[str, Any]:
-    import torch
     from sklearn.manifold import TSNE
 
     from training.data.image_dataset import drop_unreadable
@@ -307,8 +306,6 @@ def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[s
     if len(split) > TSNE_MAX_POINTS:  # a random sample keeps every class's share
         rng = np.random.default_rng(TSNE_SEED)
         split = split.subset(sorted(rng.permutation(len(split))[:TSNE_MAX_POINTS].tolist()))
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     embeddings, codes = embed_split_with_artifact(
         artifact_dir(settings, report.model), split, num_workers=0
     )

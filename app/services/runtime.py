@@ -3,6 +3,7 @@ and a Celery worker both build one (`Runtime.start`) and close it on the way out
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +15,10 @@ from app.db.session import make_engine, make_session_factory
 from app.embedder import EmbedderRegistry
 from app.index_store import IndexStore, set_search_threads
 from app.services.indexes import IndexManager
+from training import threads
 from training.evaluation.cluster_classifier import ClusterClassifier
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +38,9 @@ class Runtime:
         must already be at head (`app.db.migrate.upgrade`)."""
         for directory in (settings.uploads_dir, settings.indexes_dir, settings.models_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        thread_policy = settings.thread_policy()
+        threads.apply(thread_policy)
+        logger.info("thread policy: %s", thread_policy.describe())
         set_search_threads(settings.faiss_search_threads)
         engine = make_engine(settings)
         session_factory = make_session_factory(engine)
@@ -42,7 +49,8 @@ class Runtime:
             device=settings.device,
             max_batch=settings.embed_batch_size,
             max_wait_ms=settings.embed_max_wait_ms,
-            threads=settings.torch_threads,
+            threads=thread_policy.threads,
+            backend=settings.embed_backend,
             on_batch=on_batch,
         )
         indexes = IndexManager(index_store, session_factory, settings.snapshot_every)

@@ -14,7 +14,9 @@ import logging
 import tarfile
 import threading
 import zipfile
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -50,6 +52,7 @@ from training.data.readers import is_image_file
 log = logging.getLogger(__name__)
 
 IMPORT_BATCH = 32  # files decoded and embedded together by an import job
+IMPORT_BATCHES_IN_FLIGHT = 2  # one decoding while the other embeds
 SWITCH_ATTEMPTS = 5  # an index job re-embeds late uploads this many times before giving up
 
 _runtime: Runtime | None = None
@@ -61,12 +64,7 @@ def runtime(settings: Settings) -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            if settings.torch_threads:
-                import torch
-
-                # Training and evaluation run in this thread; more threads than cores (or a
-                # busy machine) slow them down many times over.
-                torch.set_num_threads(settings.torch_threads)
+            # Sizes torch's pools for this thread too: training and evaluation run in it.
             _runtime = Runtime.start(settings)
         return _runtime
 
@@ -383,7 +381,7 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
 
 
 def import_body(run: JobRun) -> dict[str, Any]:
-    from app.services.images import Upload, add_images
+    from app.services.images import Upload, UploadResult, add_images
 
     params = ImportParams.model_validate(run.job.params)
     budget = _Budget(run.settings)
@@ -396,10 +394,12 @@ def import_body(run: JobRun) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     batch: list[tuple[str, str | None, bytes]] = []
 
-    def flush() -> None:
-        uploads = [Upload(data=data, filename=name, label=label) for name, label, data in batch]
+    def add(files: list[tuple[str, str | None, bytes]]) -> list[UploadResult]:
+        uploads = [Upload(data=data, filename=name, label=label) for name, label, data in files]
         with run.session() as session:
-            results = add_images(run.runtime, session, params.gallery_id, uploads)
+            return add_images(run.runtime, session, params.gallery_id, uploads)
+
+    def record(results: list[UploadResult]) -> None:
         for result in results:
             status = "rejected" if result.error else "duplicate" if result.duplicate else "added"
             entries.append(
@@ -410,7 +410,6 @@ def import_body(run: JobRun) -> dict[str, Any]:
                     "error": result.error,
                 }
             )
-        batch.clear()
         run.report(
             progress=len(entries) / total if total else None,
             step=len(entries),
@@ -418,15 +417,31 @@ def import_body(run: JobRun) -> dict[str, Any]:
         )
         run.check()
 
-    for name, label, data in files:
-        if isinstance(data, str):
-            entries.append({"name": name, "status": "rejected", "image_id": None, "error": data})
-            continue
-        batch.append((name, label, data))
-        if len(batch) >= IMPORT_BATCH:
-            flush()
-    if batch:
-        flush()
+    # Two batches in flight: one decodes and preprocesses while the other's forward pass runs
+    # (the embedder batches both callers' images). Results are recorded in batch order.
+    in_flight: deque[Future[list[UploadResult]]] = deque()
+    prefix = f"import-{run.id}"
+    with ThreadPoolExecutor(IMPORT_BATCHES_IN_FLIGHT, thread_name_prefix=prefix) as pool:
+        try:
+            for name, label, data in files:
+                if isinstance(data, str):
+                    entries.append(
+                        {"name": name, "status": "rejected", "image_id": None, "error": data}
+                    )
+                    continue
+                batch.append((name, label, data))
+                if len(batch) >= IMPORT_BATCH:
+                    in_flight.append(pool.submit(add, list(batch)))
+                    batch.clear()
+                    if len(in_flight) >= IMPORT_BATCHES_IN_FLIGHT:
+                        record(in_flight.popleft().result())
+            if batch:
+                in_flight.append(pool.submit(add, list(batch)))
+            while in_flight:
+                record(in_flight.popleft().result())
+        finally:
+            for pending in in_flight:  # cancelled or failed: do not start what is queued
+                pending.cancel()
     if params.archive:
         (job_dir(run.settings, run.id) / ARCHIVE_FILE).unlink(missing_ok=True)
     return {

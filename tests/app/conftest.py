@@ -19,6 +19,7 @@ from app.main import create_app
 from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder
 from training.checkpoint import ModelCard, Preprocessing, save_artifact
+from training.export import ensure_export
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 # The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
@@ -50,7 +51,9 @@ def write_tiny_artifact(directory: Path, method: dict | None = None, extras=None
         ),
         method=method or {"name": "margin", "params": {}},
     )
-    return save_artifact(directory, model, card, extra_tensors=extras)
+    save_artifact(directory, model, card, extra_tensors=extras)
+    ensure_export(directory)  # registrations copy it, and only check it again
+    return directory
 
 
 def worker_settings(root: Path, **overrides) -> Settings:
@@ -74,7 +77,7 @@ def worker_settings(root: Path, **overrides) -> Settings:
         "seed_builtin_model": False,
         "auto_api_key": False,
         "embed_max_wait_ms": 1.0,
-        "torch_threads": 1,
+        "threads": 1,
         "worker_device": "cpu",
         "worker_num_workers": 0,
         "job_heartbeat_s": 0.3,
@@ -152,7 +155,7 @@ def api_settings(tmp_path: Path, database_url: str, model_root: Path) -> Setting
         seed_builtin_model=False,
         auto_api_key=False,
         embed_max_wait_ms=1.0,
-        torch_threads=1,
+        threads=1,
     )
 
 

@@ -165,3 +165,20 @@ def test_magnet_model_classifies_with_its_clusters(client: TestClient, tmp_path:
         assert abs(sum(prediction["cluster_probabilities"].values()) - 1.0) < 1e-5
     finally:
         shutil.rmtree(artifact)
+
+
+def test_an_approximate_index_is_suggested_by_the_cost_of_exact_search(
+    client: TestClient, tiny_model: int
+):
+    gid = client.post(f"{API}/galleries", json={"name": "g", "model_id": tiny_model}).json()["id"]
+    files = [("files", (f"{i}.png", png(i % 3, i), "image/png")) for i in range(4)]
+    assert client.post(f"{API}/galleries/{gid}/images", files=files).status_code == 201
+    assert client.get(f"{API}/galleries/{gid}").json()["suggested_index_type"] is None
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    runtime.settings.exact_search_budget_ms = 1e-9  # 4 x 16 floats now cost too much
+    assert client.get(f"{API}/galleries/{gid}").json()["suggested_index_type"] == "hnsw"
+    query = {"image": ("q.png", png(1, 1), "image/png")}
+    assert client.post(f"{API}/galleries/{gid}/search", files=query).status_code == 200
+    assert client.get(f"{API}/galleries/{gid}").json()["suggested_index_type"] == "hnsw"
+    switched = client.patch(f"{API}/galleries/{gid}", json={"index_type": "hnsw"})
+    assert switched.json()["suggested_index_type"] is None

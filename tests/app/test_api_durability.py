@@ -28,7 +28,7 @@ def start_server(data_dir: Path, model_root: Path, port: int, log: Path) -> subp
         "LOOKALIKE_MODEL_ROOT": str(model_root),
         "LOOKALIKE_SEED_BUILTIN_MODEL": "false",
         "LOOKALIKE_AUTO_API_KEY": "false",
-        "LOOKALIKE_TORCH_THREADS": "1",
+        "LOOKALIKE_THREADS": "1",
         "LOOKALIKE_SNAPSHOT_EVERY": "7",  # snapshots happen during the run, not only at exit
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import app.embedder as embedder_module
 from app.embedder import BatchingEmbedder, EmbedderClosed, EmbedderRegistry
@@ -176,12 +177,12 @@ def test_close_rejects_new_work_and_empty_requests_need_no_model(plain, images):
 def test_registry_loads_each_model_once_under_concurrency(artifact, plain, monkeypatch, images):
     loads: list[Path] = []
 
-    def counting(directory, device="cpu"):  # a slow load widens the race window
+    def counting(directory, **options):  # a slow load widens the race window
         loads.append(Path(directory))
         time.sleep(0.2)
         return plain
 
-    monkeypatch.setattr(embedder_module, "load_embedder", counting)
+    monkeypatch.setattr(embedder_module, "load_inference_embedder", counting)
     registry = EmbedderRegistry(device="cpu", max_batch=4, max_wait_ms=1, threads=0)
     got: list[BatchingEmbedder] = []
     barrier = threading.Barrier(4)
@@ -209,3 +210,17 @@ def test_registry_loads_each_model_once_under_concurrency(artifact, plain, monke
     finally:
         registry.close()
     assert second.closed and registry.loaded() == []
+
+
+def test_prepared_images_skip_preprocessing_and_must_fit_the_model(plain, images) -> None:
+    embedder = BatchingEmbedder(plain, threads=1)
+    try:
+        prepared = embedder.prepare(images[:2])
+        assert all(t.is_floating_point() for t in prepared)
+        np.testing.assert_allclose(
+            embedder.submit(prepared).result(10), embedder.embed_sync(images[:2]), atol=1e-6
+        )
+        with pytest.raises(TypeError, match="prepared image"):
+            embedder.submit([torch.zeros(3, 7, 7)]).result(10)
+    finally:
+        embedder.close()

@@ -385,3 +385,23 @@ def test_filtered_search_survives_faiss_torch_utils(data, monkeypatch):
     stored = index.vector(int(ids[0]))
     assert isinstance(stored, np.ndarray)
     np.testing.assert_allclose(stored, vectors[0] / np.linalg.norm(vectors[0]), atol=1e-6)
+
+
+def test_exact_search_cost_grows_with_size_times_dimension_and_is_measured():
+    assert index_store.exact_search_ms(100_000, 1280) == pytest.approx(75.0)
+    assert index_store.exact_search_ms(200_000, 128) == pytest.approx(
+        index_store.exact_search_ms(20_000, 1280)
+    )
+    count, dim = 4_000, 1024  # just over MEASURE_MIN_FLOATS
+    index = GalleryIndex.build(dim, IndexType.flat, np.arange(count), unit(count, dim))
+    assert index.estimated_exact_search_ms() == pytest.approx(
+        index_store.exact_search_ms(count, dim)
+    )
+    for _ in range(5):
+        index.search(unit(4, dim, seed=1), 10)
+    measured = index.estimated_exact_search_ms()
+    assert measured > 0 and measured != pytest.approx(index_store.exact_search_ms(count, dim))
+    assert index.estimated_exact_search_ms(10 * count) == pytest.approx(10 * measured)
+    small = GalleryIndex.build(DIM, IndexType.flat, np.arange(50), unit(50))
+    small.search(unit(1), 5)  # too small to say anything about the cost at scale
+    assert small.estimated_exact_search_ms() == pytest.approx(index_store.exact_search_ms(50, DIM))

@@ -204,7 +204,7 @@ def test_compose_stack_user_journey(
         "LOOKALIKE_BROKER_URL": broker_url,
         "LOOKALIKE_BROKER_KEY_PREFIX": key_prefix,
         "LOOKALIKE_API_KEYS": f'["{API_KEY}"]',
-        "LOOKALIKE_TORCH_THREADS": "1",
+        "LOOKALIKE_THREADS": "1",
         "LOOKALIKE_WORKER_NUM_WORKERS": "0",
         "HOSTNAME": hostname,  # docker sets it; the worker healthchecks use it
     }

@@ -39,7 +39,7 @@ def _settings(root: Path) -> Settings:
         seed_builtin_model=False,
         auto_api_key=False,
         embed_max_wait_ms=1.0,
-        torch_threads=1,
+        threads=1,
     )
 
 
