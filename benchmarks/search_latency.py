@@ -13,6 +13,9 @@ all see the same background load:
   and batched (blocks of --batch: images/s, the ceiling for throughput).
 - **lookalike**: `lookalike serve` in a subprocess with its defaults (thread policy, backend,
   micro-batching, local workers), from a clean environment: what users run.
+- **variants** (--variant): `lookalike serve` again with other settings (e.g. the service
+  before the thread policy and ONNX Runtime: `LOOKALIKE_THREAD_POLICY=off`,
+  `LOOKALIKE_EMBED_BACKEND=torch`).
 - **naive** (--peer): `benchmarks/naive_server.py`, a plain FastAPI handler (PIL decode, torch
   at batch 1, exact FAISS, no batching, default threads).
 
@@ -210,6 +213,16 @@ class Server:
         self.stop()
         raise SystemExit(f"{name} did not become ready")
 
+    def settle(self, idle_share: float = 0.1, timeout: float = 180.0) -> None:
+        """Wait until the server's processes are idle: `lookalike serve` answers before its
+        workers have finished starting, and their start-up would load the first round."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:
+            before = tree_cpu_seconds(self.process.pid)
+            time.sleep(1.0)
+            quiet = quiet + 1 if tree_cpu_seconds(self.process.pid) - before < idle_share else 0
+
     def get(self, path: str) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
         try:
@@ -220,16 +233,27 @@ class Server:
             connection.close()
 
     def post(self, body: tuple[bytes, str]) -> float:
-        if getattr(self.local, "port", None) != self.port:
-            self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-            self.local.port = self.port
-        started = time.perf_counter()
-        self.local.connection.request("POST", self.path, body[0], {"Content-Type": body[1]})
-        response = self.local.connection.getresponse()
-        payload = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{self.name}: search failed ({response.status}): {payload[:200]!r}")
-        return time.perf_counter() - started
+        """Seconds for one search on this thread's keep-alive connection (reopened when the
+        server closed it: uvicorn drops connections idle for 5 s, as between contenders)."""
+        for attempt in range(2):
+            if getattr(self.local, "port", None) != self.port or attempt:
+                self.local.connection = http.client.HTTPConnection(
+                    "127.0.0.1", self.port, timeout=120
+                )
+                self.local.port = self.port
+            started = time.perf_counter()
+            try:
+                self.local.connection.request("POST", self.path, body[0], {"Content-Type": body[1]})
+                response = self.local.connection.getresponse()
+                payload = response.read()
+            except (ConnectionError, http.client.RemoteDisconnected):
+                if attempt:
+                    raise
+                continue
+            if response.status != 200:
+                raise RuntimeError(f"{self.name}: failed ({response.status}): {payload[:200]!r}")
+            return time.perf_counter() - started
+        raise AssertionError("unreachable")
 
     def batch_counts(self) -> tuple[float, float] | None:
         """(images, forward passes) so far, from lookalike's /metrics; None for other servers."""
@@ -258,6 +282,24 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (Linux /proc)."""
+    parents, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, grew = {root}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def closed_loop(post: Callable[[], float], clients: int, seconds: float) -> float:
@@ -388,8 +430,18 @@ def main() -> None:
         help="run `lookalike serve` with its local workers (the default command)",
     )
     parser.add_argument("--hog", type=int, default=0, help="busy processes alongside")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="another `lookalike serve` with these environment variables, e.g. "
+        "before:LOOKALIKE_THREAD_POLICY=off,LOOKALIKE_EMBED_BACKEND=torch",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.queries < args.batch:
+        parser.error(f"--queries must be at least --batch ({args.batch})")
     apply(ThreadPolicy.resolve(threads=1))  # the floor: one thread
 
     queries = query_images(args.queries)
@@ -411,10 +463,16 @@ def main() -> None:
                 serve.append("--no-workers")
             path = f"/api/v1/galleries/{gallery_id}/search"
             servers.append(Server("lookalike", serve, env, path))
+            for variant in args.variant:
+                name, _, assignments = variant.partition(":")
+                overrides = dict(item.split("=", 1) for item in assignments.split(",") if item)
+                servers.append(Server(name, serve, {**env, **overrides}, path))
             if args.peer:
                 naive = [sys.executable, "benchmarks/naive_server.py", "--model", str(artifact)]
                 naive += ["--vectors", str(vectors_path)]
                 servers.append(Server("naive", naive, dict(CLEAN_ENVIRONMENT), "/search"))
+            for server in servers:
+                server.settle()
             for number in range(args.rounds):
                 contenders: list[str | Server] = ["floor", *servers]
                 shift = number % len(contenders)
