@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from app.core.config import Settings, get_settings
+from training import threads
 from training.cli import app as cli
 
 WORKER_STOP_GRACE_S = 10.0  # a job that ends within this after Ctrl-C still finishes
@@ -139,6 +140,9 @@ def serve_processes(
     queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
     if not settings.cpu_sharers:  # the API and each worker get their share of the CPUs
         settings = settings.model_copy(update={"cpu_sharers": 1 + len(queues)})
+    # This process loads torch and faiss below, the workers at their start: both with the
+    # shared policy's pool sizes (the ones set when `app` was imported assumed no sharing).
+    os.environ.update(threads.pool_environment(settings.thread_policy()))
     upgrade(settings)  # before the workers, which need the schema too
     keyed = with_api_key(settings)
     service = LocalService(

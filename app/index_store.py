@@ -346,11 +346,12 @@ class GalleryIndex:
         queries = _normalised(queries, self.dimension, "query vectors")
         _apply_search_threads()
         allowed = None if allowed_ids is None else np.unique(_as_ids(allowed_ids, "allowed_ids"))
-        started = time.perf_counter()
         with self._lock.read():
+            started = time.perf_counter()  # not counting the wait for a writer
             labels, scores = self._search_locked(self._state, queries, k + offset, allowed)
+            seconds = time.perf_counter() - started
         if self.index_type is IndexType.flat and allowed is None:
-            self._record_cost(time.perf_counter() - started, len(queries))
+            self._record_cost(seconds, len(queries))
         results = []
         for row_ids, row_scores in zip(labels, scores, strict=True):
             page_ids, page_scores = row_ids[offset : offset + k], row_scores[offset : offset + k]

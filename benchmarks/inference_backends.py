@@ -13,6 +13,10 @@ recorded per round.
 
 from __future__ import annotations
 
+# isort: off
+import training  # noqa: F401  (first: the service's thread environment, before torch loads)
+
+# isort: on
 import argparse
 import json
 import os

@@ -124,6 +124,8 @@ def main() -> None:
             warm = client.post("/api/v1/galleries", json={"name": "warm-up", "model_id": 1})
             warm_up = {"gallery_id": warm.json()["id"], "folder": "images/" + files[0].parent.name}
             run_job(client, "import", warm_up)
+            params = {"gallery_id": warm_up["gallery_id"], "model_id": second.json()["id"]}
+            run_job(client, "index", params)  # the second model loaded in the worker too
             for number in range(args.rounds):
                 load = [round(os.getloadavg()[0], 2)]
                 raw = raw_rate(artifact, files)

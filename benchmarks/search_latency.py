@@ -37,6 +37,11 @@ import os
 # policy's variables in this process.
 CLEAN_ENVIRONMENT = dict(os.environ)
 
+# isort: off
+import training  # noqa: E402, F401  (the floor runs under the service's thread environment)
+
+# isort: on
+
 import argparse  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402

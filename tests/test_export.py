@@ -31,8 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny artifact with its export (write_tiny_artifact exports it)."""
-    return write_tiny_artifact(tmp_path_factory.mktemp("export") / "tiny")
+    """A tiny artifact with its export."""
+    artifact = write_tiny_artifact(tmp_path_factory.mktemp("export") / "tiny")
+    export_onnx(artifact)
+    return artifact
 
 
 def _pictures(count: int = 5) -> list[torch.Tensor]:
@@ -68,11 +70,24 @@ def test_an_export_of_other_weights_is_not_used(exported: Path, tmp_path: Path) 
     assert current_export(other) == other / ONNX_FILE
 
 
-def test_a_corrupt_export_is_replaced(tmp_path: Path) -> None:
+def test_a_graph_replaced_after_its_check_is_not_used(tmp_path: Path) -> None:
     artifact = write_tiny_artifact(tmp_path / "tiny")
-    (artifact / ONNX_FILE).write_bytes(b"not an onnx graph")  # the record still matches
-    assert current_export(artifact) is not None
-    ensure_export(artifact)
+    export_onnx(artifact)
+    graph = (artifact / ONNX_FILE).read_bytes()
+    (artifact / ONNX_FILE).write_bytes(graph + b"\x00")  # same weights, another graph
+    assert current_export(artifact) is None
+
+
+def test_a_graph_onnx_runtime_cannot_load_falls_back_to_torch(tmp_path: Path) -> None:
+    artifact = write_tiny_artifact(tmp_path / "tiny")
+    export_onnx(artifact)
+    (artifact / ONNX_FILE).write_bytes(b"not an onnx graph")
+    record = json.loads((artifact / ONNX_RECORD).read_text())
+    record["onnx_sha256"] = export.file_digest(artifact / ONNX_FILE)  # the record matches it
+    (artifact / ONNX_RECORD).write_text(json.dumps(record))
+    fallback = load_inference_embedder(artifact, threads=1)
+    assert fallback.backend == "torch" and "ONNX Runtime unavailable" in fallback.backend_reason
+    ensure_export(artifact)  # checked again, found wanting, exported afresh
     assert load_inference_embedder(artifact, threads=1).backend == "onnxruntime"
 
 
@@ -80,8 +95,6 @@ def test_a_failing_export_falls_back_to_torch_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     artifact = write_tiny_artifact(tmp_path / "tiny")
-    for name in (ONNX_FILE, ONNX_RECORD):
-        (artifact / name).unlink()
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("Unsupported operator aten::made_up")
@@ -100,8 +113,6 @@ def test_an_export_that_differs_from_torch_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     artifact = write_tiny_artifact(tmp_path / "tiny")
-    for name in (ONNX_FILE, ONNX_RECORD):
-        (artifact / name).unlink()
     monkeypatch.setattr(export, "cosine_to_torch", lambda *args: 0.98)
     with pytest.raises(ExportError, match=r"lowest cosine 0\.980000"):
         export_onnx(artifact)

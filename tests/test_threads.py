@@ -46,6 +46,15 @@ def test_threads_are_the_cpus_divided_among_sharers() -> None:
             },
             None,
         ),
+        (
+            {
+                "proc/self/cgroup": "0::/system.slice/app.service\n",
+                "sys/fs/cgroup/cpu.max": "max 100000\n",
+                "sys/fs/cgroup/system.slice/cpu.max": "200000 100000\n",
+                "sys/fs/cgroup/system.slice/app.service/cpu.max": "300000 100000\n",
+            },
+            2.0,  # the tightest of the process's cgroup and its ancestors
+        ),
         ({"sys/fs/cgroup/cpu.max": "garbage"}, None),
         ({}, None),
     ],
@@ -113,3 +122,17 @@ def test_the_policy_can_be_switched_off() -> None:
     environ = {"LOOKALIKE_THREAD_POLICY": "off"}
     configure_environment(environ)
     assert environ == {"LOOKALIKE_THREAD_POLICY": "off"}
+
+
+def test_a_child_gets_the_shared_pool_sizes_unless_the_user_set_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    policy = ThreadPolicy.resolve(sharers=3, cpus=6)
+    monkeypatch.setattr(threads, "_USER_POOL_VARIABLES", set())
+    assert threads.pool_environment(policy) == {
+        "OMP_NUM_THREADS": "2",
+        "MKL_NUM_THREADS": "2",
+        "OPENBLAS_NUM_THREADS": "2",
+    }
+    monkeypatch.setattr(threads, "_USER_POOL_VARIABLES", {"OMP_NUM_THREADS"})
+    assert "OMP_NUM_THREADS" not in threads.pool_environment(policy)

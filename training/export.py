@@ -57,12 +57,16 @@ class _EmbedOutput(nn.Module):
         return self.model.embed(images)
 
 
-def weights_digest(directory: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
-        for chunk in iter(lambda: weights.read(1 << 20), b""):
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_digest(directory: Path) -> str:
+    return file_digest(Path(directory) / WEIGHTS_FILE)
 
 
 def check_images(card: ModelCard, count: int = CHECK_IMAGES) -> torch.Tensor:
@@ -132,11 +136,13 @@ def export_onnx(artifact: Path, destination: Path | None = None) -> Path:
                 f"the export's embeddings differ from torch's (lowest cosine {cosine:.6f}, "
                 f"need {MIN_COSINE})"
             )
+        onnx_digest = file_digest(staging)
         os.replace(staging, destination)
     finally:
         staging.unlink(missing_ok=True)
     record = {
         "weights_sha256": weights_digest(artifact),
+        "onnx_sha256": onnx_digest,
         "opset": OPSET,
         "min_cosine_to_torch": cosine,
         "check_images": len(images),
@@ -156,32 +162,44 @@ def current_export(artifact: Path) -> Path | None:
         return None
     if not onnx_path.is_file() or record.get("weights_sha256") != weights_digest(artifact):
         return None
+    if record.get("onnx_sha256") != file_digest(onnx_path):  # replaced since it was checked
+        return None
     return onnx_path
+
+
+def remove_export(artifact: Path) -> None:
+    """Delete an artifact's export and record (one that came with it is not ours to trust)."""
+    for name in (ONNX_FILE, ONNX_RECORD):
+        (Path(artifact) / name).unlink(missing_ok=True)
 
 
 def ensure_export(artifact: Path) -> Path:
     """The artifact's checked ONNX export: an existing one made from these weights is checked
-    again against torch (it may have come with the artifact), otherwise it is exported now.
-    Raises `ExportError` (the artifact is left without a usable export)."""
+    against torch again, otherwise (or if it fails) it is exported now. Raises `ExportError`,
+    leaving the artifact without an export."""
     artifact = Path(artifact)
     existing = current_export(artifact)
-    if existing is None:
-        return export_onnx(artifact)
-    model, card, _ = load_model(artifact)
-    try:
-        cosine = cosine_to_torch(model, OnnxForward(existing, threads=1), check_images(card))
-    except Exception as error:  # a corrupt or foreign file: export afresh
-        logger.info("%s: %s; exporting again", existing, error)
-        return export_onnx(artifact)
-    if not cosine >= MIN_COSINE:
-        return export_onnx(artifact)
-    return existing
+    if existing is not None:
+        model, card, _ = load_model(artifact)
+        try:
+            forward = OnnxForward(existing, threads=1)
+            if cosine_to_torch(model, forward, check_images(card)) >= MIN_COSINE:
+                return existing
+        except Exception as error:  # a corrupt or foreign file: export afresh
+            logger.info("%s: %s; exporting again", existing, error)
+    remove_export(artifact)
+    return export_onnx(artifact)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    """Several processes may export the same model at once: each writes its own staging file."""
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
 
 
 class OnnxForward:
@@ -231,7 +249,7 @@ def load_inference_embedder(
             onnx_path = export_onnx(artifact)
             logger.info("exported %s to ONNX", artifact)
         forward = OnnxForward(onnx_path, threads)
-    except (ExportError, ImportError, OSError) as error:
+    except Exception as error:  # ExportError, no onnxruntime, or a graph it cannot load
         if backend == "onnxruntime":
             raise ExportError(str(error)) from error
         reason = f"ONNX Runtime unavailable for this model: {error}"

@@ -36,6 +36,8 @@ POLICY_ENV = "LOOKALIKE_THREAD_POLICY"  # "off": leave the environment as it is
 # Pools sized from the environment when their library loads.
 _POOL_SIZE_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _SLEEPING_WAIT = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# Pool sizes the user set before `configure_environment` ran: they win everywhere.
+_USER_POOL_VARIABLES: set[str] = set()
 
 _CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -43,12 +45,19 @@ _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
 def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
-    """CPUs' worth of time the cgroup may use per period (`cpus: 1.5` gives 1.5), or None."""
-    v2 = root / _CGROUP_V2_MAX.relative_to("/")
+    """CPUs' worth of time this process's cgroup may use per period (`cpus: 1.5` gives 1.5),
+    the tightest of its own and its ancestors' quotas (cgroup v2, or v1), or None."""
+    quotas = []
+    for directory in _cgroup_v2_directories(root):
+        try:
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            continue
+    if quotas:
+        return min(quotas)
     try:
-        if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
         quota_v1 = root / _CGROUP_V1_QUOTA.relative_to("/")
         if quota_v1.is_file():
             quota = int(quota_v1.read_text())
@@ -57,6 +66,23 @@ def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _cgroup_v2_directories(root: Path) -> list[Path]:
+    """This process's cgroup v2 directory and its ancestors up to the mount (a container with
+    its own cgroup namespace sees its cgroup as the mount itself)."""
+    mount = root / _CGROUP_V2_MAX.parent.relative_to("/")
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+        relative = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+    except (OSError, StopIteration, IndexError):
+        relative = "/"
+    directories = [mount]
+    current = mount
+    for part in Path(relative).parts[1:]:
+        current = current / part
+        directories.append(current)
+    return directories
 
 
 def usable_cpus() -> int:
@@ -125,22 +151,34 @@ def configure_environment(environ: MutableMapping[str, str] | None = None) -> Th
     `LOOKALIKE_THREAD_POLICY=off` (a program that manages its own threads) it changes nothing."""
     environ = os.environ if environ is None else environ
     if environ.get(POLICY_ENV, "").strip().lower() == "off":
-        return ThreadPolicy.resolve(threads=_positive_int(environ, "OMP_NUM_THREADS", 0))
+        return ThreadPolicy.resolve()
     try:
         policy = ThreadPolicy.from_environment(environ)
     except ValueError:
         policy = ThreadPolicy.resolve()  # Settings reports the bad value with its field name
     for name in _POOL_SIZE_VARIABLES:
+        if name in environ and environ is os.environ:
+            _USER_POOL_VARIABLES.add(name)
         environ.setdefault(name, str(policy.threads))
     for name, value in _SLEEPING_WAIT.items():
         environ.setdefault(name, value)
     return policy
 
 
+def pool_environment(policy: ThreadPolicy) -> dict[str, str]:
+    """The pool sizes of `policy` as environment variables, for a process about to load torch
+    and faiss (this one before it does, or a child), except those the user set."""
+    return {
+        name: str(policy.threads)
+        for name in _POOL_SIZE_VARIABLES
+        if name not in _USER_POOL_VARIABLES
+    }
+
+
 def apply(policy: ThreadPolicy) -> None:
-    """Size the pools that can change at run time: torch's intra- and inter-op pools and every
-    OpenMP/BLAS pool already loaded (threadpoolctl). Call from the process's main thread at
-    start-up, before the first forward pass."""
+    """Size the pools that can change at run time: torch's intra- and inter-op pools and the
+    BLAS pools already loaded (threadpoolctl). OpenMP pools other than torch's (faiss's) keep
+    the size `OMP_NUM_THREADS` gave them when they loaded. Call before the first forward pass."""
     import torch
     from threadpoolctl import threadpool_limits
 

@@ -305,39 +305,44 @@ def embed_missing(
     model = get_model(session, model_id)
     embedder = embedder_for(runtime, model)
     todo = missing_embeddings(session, gallery_id, model_id)
-    files = dict(
-        session.execute(select(Image.id, Image.file_name).where(Image.gallery_id == gallery_id))
-        .tuples()
-        .all()
-    )
+    files: dict[int, str] = {
+        image_id: file_name
+        for image_id, file_name in session.execute(
+            select(Image.id, Image.file_name).where(Image.gallery_id == gallery_id)
+        )
+    }
     settings = runtime.settings
 
     def prepared_batches() -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Read, decode and preprocess the next batch (in `prefetch`'s thread)."""
+        """Read, decode and preprocess the next batch (in `prefetch`'s thread). An image
+        deleted meanwhile (its file gone) is skipped."""
         for start in range(0, len(todo), batch_size):
-            ids = [i for i in todo[start : start + batch_size] if i in files]
-            pictures = [
-                open_upload(
-                    (settings.uploads_dir / files[i]).read_bytes(),
-                    max_pixels=settings.max_image_pixels,
-                )
-                for i in ids
-            ]
+            ids, pictures = [], []
+            for image_id in todo[start : start + batch_size]:
+                try:
+                    data = (settings.uploads_dir / files[image_id]).read_bytes()
+                except (KeyError, FileNotFoundError):
+                    continue
+                ids.append(image_id)
+                pictures.append(open_upload(data, max_pixels=settings.max_image_pixels))
             yield ids, embedder.prepare(pictures)
 
     done = 0
     for ids, tensors in prefetch(prepared_batches(), name=f"index-{gallery_id}-decode"):
         vectors = embedder.embed_sync(tensors)
+        # Images deleted while this batch was embedded: their rows would fail the whole batch.
+        alive = set(session.scalars(select(Image.id).where(Image.id.in_(ids))))
         session.add_all(
             ImageEmbedding(image_id=image_id, model_id=model_id, vector=vector.tobytes())
             for image_id, vector in zip(ids, vectors, strict=True)
+            if image_id in alive
         )
         try:
             session.commit()
         except IntegrityError:  # deleted or embedded concurrently: the next pass sees it
             session.rollback()
             continue
-        done += len(ids)
+        done += len(alive)
         if progress is not None:
             progress(done, len(todo))
     return done

@@ -1,8 +1,9 @@
 """Registering embedding models: an artifact (card.json + model.safetensors, see
 `training.checkpoint`) is validated by loading it, copied under Settings.models_dir with a
-server-generated name and never changed again (a model version is immutable). Its ONNX export
-(`training.export`), derived from the weights and checked against them, is made at
-registration so that the service embeds on ONNX Runtime from the first search."""
+server-generated name; its card and weights never change again (a model version is
+immutable). Its ONNX export (`training.export`) is derived data: made at registration from the
+weights and checked against them, so that the service embeds on ONNX Runtime from the first
+search, and made again when missing or stale."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from app.services.errors import Conflict, Invalid, NotFound
 from app.services.runtime import Runtime
 from training.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_model
 from training.evaluation.cluster_classifier import ClusterClassifier
-from training.export import ExportError, ensure_export
+from training.export import ExportError, export_onnx, remove_export
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,11 @@ def _register_staged(
     except CheckpointError as error:
         message = str(error).replace(str(staging), "the artifact")
         raise Invalid(f"not a valid model artifact: {message}") from error
+    # An export that came with the artifact is dropped: the service trusts only its own.
+    remove_export(staging)
     if settings.embed_backend != "torch" and settings.device == "cpu":
         try:  # now, so the first search does not wait for it
-            ensure_export(staging)
+            export_onnx(staging)
         except ExportError as error:  # the embedder falls back to torch and logs why
             logger.warning("model %r has no ONNX export: %s", name, error)
     artifact = uuid.uuid4().hex

@@ -4,6 +4,7 @@ and a Celery worker both build one (`Runtime.start`) and close it on the way out
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ class Runtime:
         must already be at head (`app.db.migrate.upgrade`)."""
         for directory in (settings.uploads_dir, settings.indexes_dir, settings.models_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        if "LOOKALIKE_TORCH_THREADS" in os.environ:
+            logger.warning(
+                "LOOKALIKE_TORCH_THREADS is no longer read: LOOKALIKE_THREADS sizes every "
+                "compute pool (docs/service.md, Threads)"
+            )
         thread_policy = settings.thread_policy()
         threads.apply(thread_policy)
         logger.info("thread policy: %s", thread_policy.describe())

@@ -440,7 +440,9 @@ def import_body(run: JobRun) -> dict[str, Any]:
             while in_flight:
                 record(in_flight.popleft().result())
         finally:
-            for pending in in_flight:  # cancelled or failed: do not start what is queued
+            # Cancelled or failed: leaving the pool waits for the batch still running, which
+            # commits its images, so a cancelled import stops within two batches (64 files).
+            for pending in in_flight:
                 pending.cancel()
     if params.archive:
         (job_dir(run.settings, run.id) / ARCHIVE_FILE).unlink(missing_ok=True)

@@ -19,7 +19,6 @@ from app.main import create_app
 from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder
 from training.checkpoint import ModelCard, Preprocessing, save_artifact
-from training.export import ensure_export
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 # The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
@@ -51,9 +50,7 @@ def write_tiny_artifact(directory: Path, method: dict | None = None, extras=None
         ),
         method=method or {"name": "margin", "params": {}},
     )
-    save_artifact(directory, model, card, extra_tensors=extras)
-    ensure_export(directory)  # registrations copy it, and only check it again
-    return directory
+    return save_artifact(directory, model, card, extra_tensors=extras)
 
 
 def worker_settings(root: Path, **overrides) -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.app.conftest import png, write_tiny_artifact
+from training import export
 from training.evaluation.cluster_classifier import ClusterClassifier
+from training.export import ONNX_FILE, ONNX_RECORD
 
 API = "/api/v1"
 
@@ -182,3 +185,28 @@ def test_an_approximate_index_is_suggested_by_the_cost_of_exact_search(
     assert client.get(f"{API}/galleries/{gid}").json()["suggested_index_type"] == "hnsw"
     switched = client.patch(f"{API}/galleries/{gid}", json={"index_type": "hnsw"})
     assert switched.json()["suggested_index_type"] is None
+
+
+def test_registration_makes_its_own_checked_export(client: TestClient, model_root: Path, tmp_path):
+    carrying = write_tiny_artifact(model_root / f"carrying-{tmp_path.name}")
+    foreign = b"a graph the server did not make"
+    (carrying / ONNX_FILE).write_bytes(foreign)
+    record = {
+        "weights_sha256": export.weights_digest(carrying),
+        "onnx_sha256": export.file_digest(carrying / ONNX_FILE),
+    }
+    (carrying / ONNX_RECORD).write_text(json.dumps(record))
+    response = client.post(f"{API}/models", data={"name": "carrying", "path": carrying.name})
+    assert response.status_code == 201, response.text
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    stored = [p for p in runtime.settings.models_dir.iterdir() if not p.name.startswith(".")]
+    assert len(stored) == 1
+    assert (stored[0] / ONNX_FILE).read_bytes() != foreign
+    assert export.current_export(stored[0]) == stored[0] / ONNX_FILE
+    gallery = client.post(f"{API}/galleries", json={"name": "g", "model_id": response.json()["id"]})
+    query = {"image": ("q.png", png(1, 1), "image/png")}
+    search = client.post(f"{API}/galleries/{gallery.json()['id']}/search", files=query)
+    assert search.status_code == 200
+    assert runtime.embedders.get(str(response.json()["id"]), stored[0]).embedder.backend == (
+        "onnxruntime"
+    )

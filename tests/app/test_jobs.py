@@ -549,6 +549,7 @@ def test_serve_runs_import_jobs_on_the_embedded_broker_without_redis(tmp_path):
     assert settings.broker_url.startswith("sqla+sqlite:///")
     with serve_processes(settings, port=free_port()) as service:
         workers = list(service.workers.values())
+        assert service.settings.cpu_sharers == 3  # the API and its two workers share the CPUs
         with httpx.Client(base_url=service.url, timeout=30) as client:
             model = client.post("/api/v1/models", data={"name": "tiny", "path": "tiny"}).json()
             gallery = client.post(
