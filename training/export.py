@@ -1,14 +1,15 @@
 """ONNX export of a model artifact, checked against torch, and the ONNX Runtime forward pass.
 
-Serving embeds on ONNX Runtime because it ran the built-in model 2.0-2.1x faster than torch
-eager on one CPU thread, ahead of OpenVINO (1.7-1.9x), TorchScript and torch.compile, with the
-same outputs (`benchmarks/inference_backends.py`, docs/service.md). Torch stays the training
-path and the fallback: an export that fails, or whose outputs differ from torch's (cosine below
-`MIN_COSINE` on a few check images), is refused, and the embedder says why it uses torch.
+Serving embeds on ONNX Runtime because it ran the built-in model 1.9-2.3x faster than torch
+eager on one CPU thread with the same outputs, and stayed level with OpenVINO (faster on an
+idle machine) when other processes shared the CPU (`benchmarks/inference_backends.py`,
+docs/service.md, "Embedding runtimes"). Torch stays the training path and the fallback: an
+export that fails, or whose outputs differ from torch's (cosine below `MIN_COSINE` on a few
+check images), is refused, and the embedder says why it uses torch.
 
 The export is cached beside the weights as `model.onnx`, with `model.onnx.json` recording the
-SHA-256 of the weights it was made from and the check's result, so a stale or unchecked file
-is never used.
+SHA-256 of the weights it was made from, of the graph itself and the check's result, so a stale
+or swapped file is never used.
 """
 
 from __future__ import annotations
