@@ -44,31 +44,44 @@ def _index_type(value: str) -> IndexType:
 
 
 # Index parameters (`GalleryIndex.build`) and the values each accepts; a type ignores the
-# others, so switching the type alone keeps the old parameters.
-_INDEX_PARAMS = {
-    "m": "a positive integer (HNSW: links per node; IVF-PQ: sub-quantizers, dividing the "
-    "model's dimension)",
-    "ef_search": "a positive integer",
-    "ef_construction": "a positive integer",
-    "nlist": "a positive integer",
-    "nprobe": "a positive integer",
-    "compact_fraction": "a number in (0, 1]",
+# others, so switching the type alone keeps the old parameters. The upper bounds keep every
+# search's and build's memory bounded (an ef_search of 2^31 made the next search allocate
+# ~12 GB): FAISS's guidelines use HNSW M of 4-64, efSearch and efConstruction in the hundreds,
+# and nlist up to 2^16 for a billion vectors (FAISS wiki, "Guidelines to choose an index").
+INDEX_PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "m": (1, 128),  # HNSW: links per node (at least 2); IVF-PQ: sub-quantizers
+    "ef_search": (1, 4096),
+    "ef_construction": (1, 4096),
+    "nlist": (1, 65536),
+    "nprobe": (1, 65536),
+    "compact_fraction": (0, 1),  # (0, 1]: not an integer
 }
 
 
+def _expected(key: str) -> str:
+    low, high = INDEX_PARAM_RANGES[key]
+    if key == "compact_fraction":
+        return "a number in (0, 1]"
+    return f"an integer from {int(low)} to {int(high)}"
+
+
 def _check_index_params(kind: IndexType, params: dict[str, Any], dimension: int) -> None:
-    """Refuse parameters the index build would fail on later (at the first search)."""
+    """Refuse parameters the index build would fail on later (at the first search), or whose
+    memory is unbounded."""
     for key, value in params.items():
-        if key not in _INDEX_PARAMS:
-            known = ", ".join(_INDEX_PARAMS)
+        if key not in INDEX_PARAM_RANGES:
+            known = ", ".join(INDEX_PARAM_RANGES)
             raise Invalid(f"unknown index parameter {key!r}; the parameters are {known}")
+        low, high = INDEX_PARAM_RANGES[key]
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if key == "compact_fraction":
-            valid = number and 0 < value <= 1
+            valid = number and low < value <= high
         else:
-            valid = number and value == int(value) and value >= 1
+            valid = number and low <= value <= high and value == int(value)  # inf, nan: False
         if not valid:
-            raise Invalid(f"index parameter {key} must be {_INDEX_PARAMS[key]}, got {value!r}")
+            raise Invalid(f"index parameter {key} must be {_expected(key)}, got {value!r}")
+    if kind is IndexType.hnsw and params.get("m") == 1:
+        raise Invalid("HNSW parameter m must be at least 2 (links per node)")
     if kind is IndexType.ivfpq and "m" in params and dimension % int(params["m"]):
         raise Invalid(
             f"IVF-PQ parameter m={params['m']} must divide the model's dimension {dimension}"

@@ -94,9 +94,16 @@ def test_gallery_lifecycle_and_index_switch(client: TestClient, tiny_model: int)
     assert bad_type.status_code == 422 and "index_type" in bad_type.json()["detail"]
     # Index parameters the build would fail on (at the first search) are refused at once.
     for kind, params, problem in (
-        ("hnsw", {"m": "x"}, "must be a positive integer"),
+        ("hnsw", {"m": "x"}, "must be an integer from 1 to 128"),
         ("hnsw", {"M": 8}, "unknown index parameter 'M'"),
-        ("ivfpq", {"nlist": -5}, "must be a positive integer"),
+        ("ivfpq", {"nlist": -5}, "must be an integer from 1 to 65536"),
+        # Unbounded values would make the next search or build exhaust memory.
+        ("hnsw", {"ef_search": 2147483647}, "must be an integer from 1 to 4096"),
+        ("hnsw", {"ef_search": 2**70}, "must be an integer from 1 to 4096"),
+        ("hnsw", {"ef_construction": 1e300}, "must be an integer from 1 to 4096"),
+        ("hnsw", {"m": 1}, "at least 2"),
+        ("hnsw", {"m": 4096}, "must be an integer from 1 to 128"),
+        ("ivfpq", {"nprobe": 10**6}, "must be an integer from 1 to 65536"),
         ("ivfpq", {"m": 5}, "must divide the model's dimension 16"),
         ("flat", {"compact_fraction": 2}, "must be a number in (0, 1]"),
     ):
