@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Gallery, Image, ImageEmbedding, Model
 from app.index_store import GalleryIndex, IndexFileError, IndexStore, IndexType
-from app.services.errors import Conflict
+from app.services.errors import Conflict, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class IndexManager:
         self.session_factory = session_factory
         self.snapshot_every = snapshot_every
         self._loaded: dict[int, _Loaded] = {}
+        # Galleries whose stored index settings could not be applied, and why (the service
+        # starts without them; their searches answer 503 with the reason).
+        self.unavailable: dict[int, str] = {}
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -92,7 +95,12 @@ class IndexManager:
     def index_for(self, gallery: Gallery) -> GalleryIndex:
         """The gallery's index, loaded, built or replayed first when it is not current."""
         if not self.is_current(gallery):
-            self.refresh(gallery.id)
+            try:
+                self.refresh(gallery.id)
+            except ServiceError:
+                raise
+            except Exception as error:  # a stored setting FAISS refuses, a build out of memory
+                raise self._unavailable(gallery.id, error) from error
         index = self.store.get(gallery.id, gallery.model_id)
         if index is None:
             raise Conflict(
@@ -107,14 +115,28 @@ class IndexManager:
             ids = session.scalars(select(Gallery.id).order_by(Gallery.id)).all()
         for gallery_id in ids:
             with self._lock(gallery_id):
-                self._refresh(gallery_id)
-        return len(ids)
+                try:
+                    self._refresh(gallery_id)
+                except Exception as error:  # one bad gallery must not keep the service down
+                    self._unavailable(gallery_id, error)
+        return len(ids) - len(self.unavailable)
+
+    def _unavailable(self, gallery_id: int, error: Exception) -> ServiceError:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        self.unavailable[gallery_id] = reason
+        log.error("gallery %d's index cannot be built: %s", gallery_id, reason)
+        return ServiceError(
+            f"gallery {gallery_id}'s index cannot be built from its stored settings ({reason}); "
+            "PATCH the gallery's index_type or index_params to fix it",
+            503,
+        )
 
     def loaded_count(self) -> int:
         return len(self._loaded)
 
     def _refresh(self, gallery_id: int) -> None:
         """Under the gallery's lock: load or build the active version, then replay the diff."""
+        self.unavailable.pop(gallery_id, None)  # tried again: it may have been fixed
         with self.session_factory() as session:
             gallery = session.get(Gallery, gallery_id)
             if gallery is None:

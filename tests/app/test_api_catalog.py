@@ -217,3 +217,38 @@ def test_registration_makes_its_own_checked_export(client: TestClient, model_roo
     assert runtime.embedders.get(str(response.json()["id"]), stored[0]).embedder.backend == (
         "onnxruntime"
     )
+
+
+def test_a_gallery_whose_stored_index_settings_fail_does_not_stop_the_service(
+    api_settings, tiny_model: int, client: TestClient
+):
+    from sqlalchemy import update
+
+    from app.db.models import Gallery
+    from app.main import create_app
+
+    gid = client.post(f"{API}/galleries", json={"name": "g", "model_id": tiny_model}).json()["id"]
+    files = [("files", (f"{i}.png", png(i % 3, i), "image/png")) for i in range(3)]
+    assert client.post(f"{API}/galleries/{gid}/images", files=files).status_code == 201
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    with runtime.session_factory() as session:  # stored by an older version, or by hand
+        session.execute(
+            update(Gallery)
+            .where(Gallery.id == gid)
+            .values(index_type="hnsw", index_params={"ef_search": "many"}, index_version=2)
+        )
+        session.commit()
+    with TestClient(create_app(api_settings)) as restarted:  # starts all the same
+        ready = restarted.get("/readyz")
+        assert ready.status_code == 200
+        assert "ValueError" in ready.json()["unavailable_galleries"][str(gid)]
+        query = {"image": ("q.png", png(1, 1), "image/png")}
+        refused = restarted.post(f"{API}/galleries/{gid}/search", files=query)
+        assert refused.status_code == 503 and "PATCH the gallery" in refused.json()["detail"]
+        fixed = restarted.patch(
+            f"{API}/galleries/{gid}", json={"index_type": "hnsw", "index_params": {"ef_search": 16}}
+        )
+        assert fixed.status_code == 200, fixed.text
+        found = restarted.post(f"{API}/galleries/{gid}/search", files=query)
+        assert found.status_code == 200 and len(found.json()["results"]) == 3
+        assert restarted.get("/readyz").json()["unavailable_galleries"] == {}

@@ -34,6 +34,9 @@ def readyz(request: Request) -> JSONResponse:
         "database": database,
         "indexes_loaded": True,
         "indexes": runtime.indexes.loaded_count(),
+        # Galleries whose stored index settings cannot be applied: the service runs without
+        # them, their searches answer 503 with the same reason.
+        "unavailable_galleries": {str(k): v for k, v in runtime.indexes.unavailable.items()},
     }
     return JSONResponse(body, status_code=200 if database == "ok" else 503)
 
