@@ -61,8 +61,14 @@ class ImageRejected(ValueError):
         self.detail = message
 
 
-def open_upload(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+def open_upload(
+    data: bytes, *, max_pixels: int, max_bytes: int | None = None, min_side: int | None = None
+) -> Image.Image:
     """Decode an uploaded file to a fully loaded 8-bit RGB image; raises `ImageRejected`.
+
+    `min_side`: the shorter side the caller needs (a query for a 224 px model needs a few
+    hundred pixels, not 40 M). JPEGs are then decoded at a reduced DCT scale that keeps both
+    sides at least that long, which bounds the memory and time of a huge query.
 
     Multi-frame files (animated GIF/WebP, multi-page TIFF) give their first frame. The returned
     image's `.format` is the detected source format (e.g. "JPEG"), for `sniff_content_type`.
@@ -101,6 +107,8 @@ def open_upload(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -
         if width == 0 or height == 0:
             raise ImageRejected("the image has no pixels (zero width or height)", 400)
         try:
+            if min_side is not None and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
             image.load()
             rgb = _to_rgb(ImageOps.exif_transpose(image))
             rgb.load()

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding
+from app.embedder import BatchingEmbedder
 from app.imaging import ImageRejected, open_upload
 from app.services.errors import Conflict, Invalid, ServiceError
 from app.services.galleries import get_gallery
@@ -71,21 +72,28 @@ class Classification:
     cluster_probabilities: dict[str, float] | None = None
 
 
-def decode_queries(runtime: Runtime, files: Sequence[bytes]) -> list:
-    """Decode query images; a bad one rejects the request (queries have no partial results)."""
+def decode_queries(runtime: Runtime, files: Sequence[bytes], embedder: BatchingEmbedder) -> list:
+    """Decode and preprocess query images one by one, keeping only the model's input tensors
+    (a 40-megapixel query is never held beside the next one); a bad image rejects the request
+    (queries have no partial results)."""
     settings = runtime.settings
-    pictures = []
+    # Twice the side the model's preprocessing resizes to: JPEG's reduced decoding then
+    # changes nothing that the model's own antialiased resize would keep.
+    min_side = 2 * embedder.card.preprocessing.transform_config().test_resize_size
+    prepared = []
     for number, data in enumerate(files, start=1):
         try:
-            pictures.append(
-                open_upload(
-                    data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes
-                )
+            picture = open_upload(
+                data,
+                max_pixels=settings.max_image_pixels,
+                max_bytes=settings.max_upload_bytes,
+                min_side=min_side,
             )
         except ImageRejected as error:
             where = f"query image {number}: " if len(files) > 1 else ""
             raise ServiceError(where + error.detail, error.status_code) from error
-    return pictures
+        prepared.extend(embedder.prepare([picture]))
+    return prepared
 
 
 def search_images(
@@ -101,8 +109,8 @@ def search_images(
 ) -> SearchOutcome:
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
-    pictures = decode_queries(runtime, files)
-    vectors = embedder_for(runtime, gallery.model).embed_sync(pictures)
+    embedder = embedder_for(runtime, gallery.model)
+    vectors = embedder.embed_sync(decode_queries(runtime, files, embedder))
     return _search(runtime, session, gallery, vectors, k, offset, filters, min_score, started)
 
 
@@ -227,8 +235,8 @@ def classify(
     images, and with Magnet's cluster classifier when the gallery's model has one."""
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
-    pictures = decode_queries(runtime, files)
-    vectors = embedder_for(runtime, gallery.model).embed_sync(pictures)
+    embedder = embedder_for(runtime, gallery.model)
+    vectors = embedder.embed_sync(decode_queries(runtime, files, embedder))
     labelled = np.asarray(
         session.scalars(
             select(Image.id).where(Image.gallery_id == gallery_id, Image.label.is_not(None))

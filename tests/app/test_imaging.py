@@ -252,3 +252,18 @@ def test_thumbnail_is_a_small_jpeg_keeping_the_aspect_ratio():
 def test_content_hash_is_sha256_hex():
     assert content_hash(b"abc") == hashlib.sha256(b"abc").hexdigest()
     assert len(content_hash(b"")) == 64
+
+
+def test_a_huge_jpeg_query_is_decoded_at_the_size_the_model_needs():
+    gradient = np.linspace(0, 255, 4000, dtype=np.uint8)
+    pixels = np.stack([np.tile(gradient, (3000, 1))] * 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    full = open_upload(buffer.getvalue(), max_pixels=40_000_000)
+    reduced = open_upload(buffer.getvalue(), max_pixels=40_000_000, min_side=512)
+    assert full.size == (4000, 3000)
+    assert reduced.size == (1000, 750)  # DCT scale 1/4: both sides still >= 512
+    assert reduced.format == "JPEG"
+    png = io.BytesIO()
+    Image.fromarray(pixels[:600, :800]).save(png, "PNG")  # other formats: decoded whole
+    assert open_upload(png.getvalue(), max_pixels=40_000_000, min_side=64).size == (800, 600)
