@@ -95,6 +95,13 @@ class BatchingEmbedder:
         return self.embedder.card
 
     @property
+    def decode_side(self) -> int:
+        """The shorter side a decoded image may be reduced to (`app.imaging.open_upload`'s
+        `min_side`) without changing what the model sees: twice the side its preprocessing
+        resizes to, so the model's own antialiased resize still does the last step."""
+        return 2 * self.card.preprocessing.transform_config().test_resize_size
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from training.data.image_dataset import _to_rgb
+from training.data.image_dataset import _WIDE_GREY_MODES, _to_rgb
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+# Pillow allocates image memory in blocks (16 MiB by default). glibc serves blocks below its
+# 32 MiB mmap ceiling from per-thread arenas and keeps them after `free`, so every request
+# thread that once decoded a large image would keep that much memory resident; blocks above
+# the ceiling are mmapped and returned on `free`. Same as PILLOW_BLOCK_SIZE=64m (Pillow docs,
+# "Environment variables"), which wins when set.
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    Image.core.set_block_size(64 * 1024**2)
 
 # Escalate Pillow's bomb warning (images between MAX_IMAGE_PIXELS and twice that) to an error.
 # Installed once at import, before any request thread exists; `open_upload` also catches both.
@@ -61,17 +74,86 @@ class ImageRejected(ValueError):
         self.detail = message
 
 
+class DecodeBudget:
+    """A process-wide cap on the pixels being decoded at once, so concurrent requests cannot
+    add up decoded images past a known amount of memory (docs/service.md, "Memory bounds").
+
+    A decode holds its image's pixel count (at most the whole budget, so one image at the
+    largest accepted size always fits) until it has been reduced to what the caller needs.
+    Waiting longer than `timeout_s` gives a 503: the server is busy decoding, retry later.
+    """
+
+    def __init__(self, pixels: int, timeout_s: float = 30.0) -> None:
+        if pixels < 1:
+            raise ValueError("a decode budget needs at least one pixel")
+        self.capacity = pixels
+        self.timeout_s = timeout_s
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        with self._changed:
+            return self.capacity - self._free
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        need = min(pixels, self.capacity)
+        deadline = time.monotonic() + self.timeout_s
+        with self._changed:
+            while self._free < need:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._changed.wait(left):
+                    if self._free >= need:
+                        break
+                    raise ImageRejected(
+                        "the server is busy decoding other large images; retry in a few seconds",
+                        503,
+                    )
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += need
+                self._changed.notify_all()
+
+
+# Modes Pillow's `Image.reduce` takes as they are (it premultiplies alpha itself).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "CMYK"})
+# Rows per band of `_reduce_by_strips` (rounded to the reduction factor).
+_BAND_ROWS = 256
+# EXIF orientation -> the transpose that undoes it (what `ImageOps.exif_transpose` applies).
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def open_upload(
-    data: bytes, *, max_pixels: int, max_bytes: int | None = None, min_side: int | None = None
+    data: bytes,
+    *,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    min_side: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> Image.Image:
     """Decode an uploaded file to a fully loaded 8-bit RGB image; raises `ImageRejected`.
 
     `min_side`: the shorter side the caller needs (a query for a 224 px model needs a few
-    hundred pixels, not 40 M). JPEGs are then decoded at a reduced DCT scale that keeps both
-    sides at least that long, which bounds the memory and time of a huge query.
+    hundred pixels, not 40 M). JPEGs are then decoded at a reduced DCT scale and other formats
+    box-reduced by an integer factor right after decoding, keeping both sides at least that
+    long: the full-size RGB copy of a huge image is never made. `budget`: held for the image's
+    pixels while it decodes (see `DecodeBudget`).
 
     Multi-frame files (animated GIF/WebP, multi-page TIFF) give their first frame. The returned
-    image's `.format` is the detected source format (e.g. "JPEG"), for `sniff_content_type`.
+    image's `.format` is the detected source format (e.g. "JPEG"), for `sniff_content_type`,
+    and `.info["source_size"]` the file's own (width, height), before any reduction.
     `max_pixels` above Pillow's own `Image.MAX_IMAGE_PIXELS` (89.5 M) has no effect beyond it.
     CPU-bound: call it from a worker thread, not on the event loop.
     """
@@ -107,11 +189,11 @@ def open_upload(
         if width == 0 or height == 0:
             raise ImageRejected("the image has no pixels (zero width or height)", 400)
         try:
-            if min_side is not None and image.format == "JPEG":
-                image.draft("RGB", (min_side, min_side))
-            image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-            rgb.load()
+            with budget.hold(width * height) if budget else _no_budget():
+                rgb = _decode(image, min_side)
+                rgb.load()
+        except ImageRejected:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _bomb(f"{error}", max_pixels) from error
         except (
@@ -135,7 +217,52 @@ def open_upload(
                 415,
             ) from error
     rgb.format = source_format
+    rgb.info["source_size"] = (width, height)
     return rgb
+
+
+@contextmanager
+def _no_budget() -> Iterator[None]:
+    yield
+
+
+def _decode(image: Image.Image, min_side: int | None) -> Image.Image:
+    """Load, reduce towards `min_side` before anything is copied, orient, convert to RGB."""
+    if min_side is not None and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))
+    image.load()
+    factor = min(image.size) // min_side if min_side else 1
+    if factor < 2:
+        return _to_rgb(ImageOps.exif_transpose(image))
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if image.mode in _WIDE_GREY_MODES:
+        working_mode = "I"  # 16-bit grey: `_to_rgb` keeps its high byte
+    elif image.mode in _REDUCIBLE_MODES:
+        working_mode = image.mode
+    else:
+        working_mode = "RGBA" if image.has_transparency_data else "RGB"
+    reduced = _reduce_by_strips(image, factor, working_mode)
+    if orientation in _ORIENTATION_FIX:
+        reduced = reduced.transpose(_ORIENTATION_FIX[orientation])
+    return _to_rgb(reduced)
+
+
+def _reduce_by_strips(image: Image.Image, factor: int, mode: str) -> Image.Image:
+    """`image.convert(mode).reduce(factor)`, one band of rows at a time, so that neither the
+    conversion nor `reduce`'s own premultiplied copy of an RGBA image exists at full size:
+    a decode costs the loaded image plus one band (a band's height is a multiple of `factor`,
+    so every box is the one a whole-image `reduce` would average)."""
+    width, height = image.size
+    band = factor * max(1, _BAND_ROWS // factor)
+    result: Image.Image | None = None
+    for top in range(0, height, band):
+        piece = image.crop((0, top, width, min(top + band, height)))
+        small = (piece if piece.mode == mode else piece.convert(mode)).reduce(factor)
+        if result is None:
+            result = Image.new(small.mode, (-(-width // factor), -(-height // factor)))
+        result.paste(small, (0, top // factor))
+    assert result is not None  # an image has at least one row
+    return result
 
 
 def _bomb(what: str, max_pixels: int) -> ImageRejected:

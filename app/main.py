@@ -33,6 +33,9 @@ from app.web import install_web
 
 log = logging.getLogger("lookalike")
 
+# Seconds a client told to retry (503) should wait.
+RETRY_AFTER_S = 5
+
 
 def with_api_key(settings: Settings) -> Settings:
     """With no keys configured and AUTO_API_KEY on, use (and on first start create and print)
@@ -74,7 +77,9 @@ def _start(app: FastAPI, settings: Settings) -> None:
 
 async def _service_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    return JSONResponse({"detail": error.message}, status_code=error.status_code)
+    # 503: busy or temporarily unavailable; clients should come back, not give up.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status_code == 503 else None
+    return JSONResponse({"detail": error.message}, status_code=error.status_code, headers=headers)
 
 
 async def _data_error(_: Request, error: Exception) -> JSONResponse:

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, description="Decompression-bomb cap, below Pillow's default of 89.5 M pixels."
     )
+    decode_budget_pixels: int = Field(
+        40_000_000,
+        description="Most pixels the process decodes at once, summed over concurrent requests "
+        "(about 6 bytes of memory each at worst); a decode that waits 30 s for room gets 503.",
+        ge=1,
+    )
     max_files_per_request: int = Field(100, description="Most files one upload request may carry.")
     max_model_bytes: int = Field(
         2 * 1024**3, description="Per-file and per-request limit for model uploads (413)."

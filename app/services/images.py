@@ -24,13 +24,17 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.models import Gallery, Image, ImageEmbedding, Model
+from app.embedder import BatchingEmbedder
 from app.imaging import ImageRejected, content_hash, open_upload, sniff_content_type
 from app.imaging import thumbnail_bytes as make_thumbnail
 from app.pipeline import prefetch
-from app.services.errors import Conflict, NotFound
+from app.services.errors import Conflict, NotFound, ServiceError
 from app.services.galleries import get_gallery, missing_embeddings
 from app.services.models import embedder_for, get_model
 from app.services.runtime import Runtime
+
+# Sub-folder of a gallery's upload folder that holds its cached thumbnails.
+THUMBNAILS_FOLDER = "thumbnails"
 
 # File name extension of each accepted format (app.imaging.ACCEPTED_FORMATS).
 EXTENSIONS = {
@@ -67,12 +71,17 @@ class UploadResult:
 
 @dataclass
 class _Decoded:
+    """A valid upload, kept as the model's input tensor (never as the decoded image, so a
+    request of many large files holds one decoded image at a time)."""
+
     position: int
     upload: Upload
-    picture: PILImage.Image
+    width: int
+    height: int
     digest: str
     content_type: str
     extension: str
+    tensor: torch.Tensor
     file_name: str = ""
 
 
@@ -87,11 +96,45 @@ def image_path(settings: Settings, image: Image) -> Path:
     return settings.uploads_dir / image.file_name
 
 
-def thumbnail(settings: Settings, image: Image) -> bytes:
-    data = image_path(settings, image).read_bytes()
-    return make_thumbnail(
-        open_upload(data, max_pixels=settings.max_image_pixels), settings.thumbnail_size
+def thumbnail_path(settings: Settings, image: Image) -> Path:
+    """Where the image's thumbnail is cached: beside the gallery's files (deleted with them),
+    one folder per thumbnail size."""
+    name = Path(image.file_name)
+    return (
+        settings.uploads_dir
+        / name.parent
+        / THUMBNAILS_FOLDER
+        / str(settings.thumbnail_size)
+        / f"{name.stem}.jpg"
     )
+
+
+def thumbnail(runtime: Runtime, image: Image) -> Path:
+    """The image's JPEG thumbnail, made on first request and cached on disk: an image is
+    decoded (at a reduced size, within the decode budget) once, not on every view."""
+    settings = runtime.settings
+    path = thumbnail_path(settings, image)
+    if path.is_file():
+        return path
+    original = image_path(settings, image)
+    try:
+        data = original.read_bytes()
+    except FileNotFoundError as error:  # deleted since the row was read
+        raise NotFound(f"image {image.id} does not exist") from error
+    try:
+        picture = open_upload(
+            data,
+            max_pixels=settings.max_image_pixels,
+            min_side=settings.thumbnail_size,
+            budget=runtime.decode_budget,
+        )
+    except ImageRejected as error:  # busy (503), or a stored file that no longer decodes
+        raise ServiceError(error.detail, error.status_code) from error
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary.write_bytes(make_thumbnail(picture, settings.thumbnail_size))
+    os.replace(temporary, path)  # concurrent first views each write a whole file
+    return path
 
 
 def list_images(
@@ -115,27 +158,28 @@ def add_images(
     is already in the gallery returns the existing image (status 200, duplicate)."""
     settings = runtime.settings
     gallery = get_gallery(session, gallery_id)
+    model = get_model(session, gallery.model_id)
+    embedder = embedder_for(runtime, model)
     results = [UploadResult(filename=u.filename) for u in uploads]
     decoded: list[_Decoded] = []
     for position, upload in enumerate(uploads):
         try:
-            picture = open_upload(
-                upload.data,
-                max_pixels=settings.max_image_pixels,
-                max_bytes=settings.max_upload_bytes,
-            )
+            picture = _decode_for(runtime, embedder, upload.data)
         except ImageRejected as error:
             results[position].error = error.detail
             results[position].status_code = error.status_code
             continue
+        width, height = picture.info["source_size"]
         decoded.append(
             _Decoded(
                 position,
                 upload,
-                picture,
+                width,
+                height,
                 content_hash(upload.data),
                 sniff_content_type(picture),
                 EXTENSIONS[picture.format or ""],
+                embedder.prepare([picture])[0],
             )
         )
     pending = _resolve_duplicates(session, gallery_id, decoded, results)
@@ -145,8 +189,13 @@ def add_images(
         for _ in range(3):
             if not pending:
                 break
-            model = get_model(session, gallery.model_id)
-            vectors = embedder_for(runtime, model).embed_sync([d.picture for d in pending])
+            if model.id != gallery.model_id:  # switched meanwhile: its preprocessing may differ
+                model = get_model(session, gallery.model_id)
+                embedder = embedder_for(runtime, model)
+                for item in pending:
+                    picture = _decode_for(runtime, embedder, item.upload.data)
+                    item.tensor = embedder.prepare([picture])[0]
+            vectors = embedder.embed_sync([d.tensor for d in pending])
             written += _write_files(settings, gallery_id, [d for d in pending if not d.file_name])
             try:
                 created = _commit(session, gallery, model, pending, vectors)
@@ -177,6 +226,17 @@ def add_images(
                 path.unlink(missing_ok=True)
     _fill_request_duplicates(decoded, results)
     return results
+
+
+def _decode_for(runtime: Runtime, embedder: BatchingEmbedder, data: bytes) -> PILImage.Image:
+    """An upload decoded at the size `embedder`'s preprocessing needs (`open_upload`)."""
+    return open_upload(
+        data,
+        max_pixels=runtime.settings.max_image_pixels,
+        max_bytes=runtime.settings.max_upload_bytes,
+        min_side=embedder.decode_side,
+        budget=runtime.decode_budget,
+    )
 
 
 def _resolve_duplicates(
@@ -257,8 +317,8 @@ def _commit(
             content_hash=item.digest,
             file_name=item.file_name,
             content_type=item.content_type,
-            width=item.picture.width,
-            height=item.picture.height,
+            width=item.width,
+            height=item.height,
             size_bytes=len(item.upload.data),
             label=item.upload.label,
             meta=item.upload.metadata,
@@ -286,6 +346,7 @@ def delete_image(runtime: Runtime, session: Session, image_id: int) -> None:
     session.delete(image)
     session.commit()
     image_path(runtime.settings, image).unlink(missing_ok=True)
+    thumbnail_path(runtime.settings, image).unlink(missing_ok=True)
     runtime.indexes.apply(
         image.gallery_id, row.model_id, row.revision, removed=np.array([image_id], dtype=np.int64)
     )
@@ -324,7 +385,11 @@ def embed_missing(
                 except (KeyError, FileNotFoundError):
                     continue
                 ids.append(image_id)
-                pictures.append(open_upload(data, max_pixels=settings.max_image_pixels))
+                pictures.append(
+                    open_upload(
+                        data, max_pixels=settings.max_image_pixels, min_side=embedder.decode_side
+                    )
+                )
             yield ids, embedder.prepare(pictures)
 
     done = 0

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.session import make_engine, make_session_factory
 from app.embedder import EmbedderRegistry
+from app.imaging import DecodeBudget
 from app.index_store import IndexStore, set_search_threads
 from app.services.indexes import IndexManager
 from training import threads
@@ -30,6 +31,7 @@ class Runtime:
     index_store: IndexStore
     embedders: EmbedderRegistry
     indexes: IndexManager
+    decode_budget: DecodeBudget
     # Magnet cluster classifiers from model artifacts, by model id (None: the model has none).
     cluster_classifiers: dict[int, ClusterClassifier | None] = field(default_factory=dict)
 
@@ -60,7 +62,10 @@ class Runtime:
             on_batch=on_batch,
         )
         indexes = IndexManager(index_store, session_factory, settings.snapshot_every)
-        return cls(settings, engine, session_factory, index_store, embedders, indexes)
+        decode_budget = DecodeBudget(settings.decode_budget_pixels)
+        return cls(
+            settings, engine, session_factory, index_store, embedders, indexes, decode_budget
+        )
 
     def close(self) -> None:
         """Snapshot indexes with unsaved changes, stop the embedders, release connections."""

@@ -74,12 +74,10 @@ class Classification:
 
 def decode_queries(runtime: Runtime, files: Sequence[bytes], embedder: BatchingEmbedder) -> list:
     """Decode and preprocess query images one by one, keeping only the model's input tensors
-    (a 40-megapixel query is never held beside the next one); a bad image rejects the request
-    (queries have no partial results)."""
+    (a 40-megapixel query is decoded at a reduced size, within the process's decode budget,
+    and never held beside the next one); a bad image rejects the request (queries have no
+    partial results)."""
     settings = runtime.settings
-    # Twice the side the model's preprocessing resizes to: JPEG's reduced decoding then
-    # changes nothing that the model's own antialiased resize would keep.
-    min_side = 2 * embedder.card.preprocessing.transform_config().test_resize_size
     prepared = []
     for number, data in enumerate(files, start=1):
         try:
@@ -87,7 +85,8 @@ def decode_queries(runtime: Runtime, files: Sequence[bytes], embedder: BatchingE
                 data,
                 max_pixels=settings.max_image_pixels,
                 max_bytes=settings.max_upload_bytes,
-                min_side=min_side,
+                min_side=embedder.decode_side,
+                budget=runtime.decode_budget,
             )
         except ImageRejected as error:
             where = f"query image {number}: " if len(files) > 1 else ""

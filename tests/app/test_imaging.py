@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app.imaging import (
+    DecodeBudget,
     ImageRejected,
     content_hash,
     open_upload,
@@ -264,6 +267,92 @@ def test_a_huge_jpeg_query_is_decoded_at_the_size_the_model_needs():
     assert full.size == (4000, 3000)
     assert reduced.size == (1000, 750)  # DCT scale 1/4: both sides still >= 512
     assert reduced.format == "JPEG"
-    png = io.BytesIO()
-    Image.fromarray(pixels[:600, :800]).save(png, "PNG")  # other formats: decoded whole
-    assert open_upload(png.getvalue(), max_pixels=40_000_000, min_side=64).size == (800, 600)
+    assert reduced.info["source_size"] == full.info["source_size"] == (4000, 3000)
+
+
+def _rotated_halves(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2] = (255, 0, 0)
+    pixels[:, width // 2 :] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("I;16", "PNG"), ("1", "TIFF")],
+)
+def test_large_images_of_every_mode_are_reduced_to_the_needed_side(mode, fmt):
+    """Formats without reduced decoding are box-reduced by an integer factor before any RGB
+    copy exists; the result matches the full decode reduced afterwards."""
+    array = np.random.default_rng(2).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    source = Image.fromarray(array).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        source = Image.fromarray(np.asarray(source).astype(np.uint16) * 257)
+    data = encode(source, fmt)
+    full = open_upload(data, max_pixels=MAX_PIXELS)
+    reduced = open_upload(data, max_pixels=MAX_PIXELS, min_side=64)
+    assert reduced.size == (89, 67)  # factor 600 // 64 = 9
+    assert min(reduced.size) >= 64 and reduced.mode == "RGB"
+    assert reduced.info["source_size"] == (800, 600) and reduced.format == fmt
+    expected = np.asarray(full.reduce(9)).astype(int)
+    assert np.abs(np.asarray(reduced).astype(int) - expected).max() <= 1
+
+
+def test_reduced_images_keep_their_exif_orientation_and_transparency():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = encode(_rotated_halves(400, 200), "PNG", exif=exif.tobytes())
+    image = np.asarray(open_upload(data, max_pixels=MAX_PIXELS, min_side=50)).astype(int)
+    assert image.shape == (100, 50, 3)  # factor 4, now portrait
+    assert image[10, 25, 0] > 200 and image[10, 25, 2] < 60  # top: red
+    assert image[90, 25, 2] > 200 and image[90, 25, 0] < 60  # bottom: blue
+    rgba = np.zeros((200, 200, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 100:, 3] = 255
+    array = np.asarray(
+        open_upload(encode(Image.fromarray(rgba), "PNG"), max_pixels=MAX_PIXELS, min_side=50)
+    )
+    assert tuple(array[10, 10]) == (255, 255, 255)  # transparent -> white
+    assert tuple(array[10, 40]) == (200, 0, 0)
+
+
+def test_the_decode_budget_bounds_pixels_decoded_at_once():
+    budget = DecodeBudget(100, timeout_s=5)
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hold_all() -> None:
+        with budget.hold(10_000):  # larger than the budget: takes all of it
+            entered.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_all)
+    holder.start()
+    assert entered.wait(5)
+    assert budget.in_use == 100
+    waited: list[float] = []
+
+    def small() -> None:
+        started = time.monotonic()
+        with budget.hold(10):
+            waited.append(time.monotonic() - started)
+
+    waiter = threading.Thread(target=small)
+    waiter.start()
+    time.sleep(0.2)
+    assert not waited  # still waiting for room
+    release.set()
+    holder.join(5)
+    waiter.join(5)
+    assert waited and waited[0] >= 0.2
+    assert budget.in_use == 0
+
+
+def test_a_decode_that_cannot_get_room_in_time_is_503():
+    budget = DecodeBudget(100, timeout_s=0.1)
+    data = encode(noise(20, 20), "PNG")
+    with budget.hold(100):
+        error = rejected(data, 503, "busy decoding", budget=budget)
+    assert error.status_code == 503
+    assert open_upload(data, max_pixels=MAX_PIXELS, budget=budget).size == (20, 20)

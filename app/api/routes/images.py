@@ -135,13 +135,13 @@ def get_image_file(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Fi
 
 @router.get(
     "/images/{image_id}/thumbnail",
-    response_class=Response,
+    response_class=FileResponse,
     dependencies=[ReadAccess],
     responses={200: {"content": {"image/jpeg": {}}}},
 )
-def get_thumbnail(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Response:
+def get_thumbnail(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
     image = service.get_image(session, image_id)
-    return Response(service.thumbnail(runtime.settings, image), media_type="image/jpeg")
+    return FileResponse(service.thumbnail(runtime, image), media_type="image/jpeg")
 
 
 @router.delete(
