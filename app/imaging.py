@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
@@ -121,6 +121,7 @@ class DecodeBudget:
 
 # Modes Pillow's `Image.reduce` takes as they are (it premultiplies alpha itself).
 _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "CMYK"})
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
 # Rows per band of `_reduce_by_strips` (rounded to the reduction factor).
 _BAND_ROWS = 256
 # EXIF orientation -> the transpose that undoes it (what `ImageOps.exif_transpose` applies).
@@ -153,7 +154,8 @@ def open_upload(
 
     Multi-frame files (animated GIF/WebP, multi-page TIFF) give their first frame. The returned
     image's `.format` is the detected source format (e.g. "JPEG"), for `sniff_content_type`,
-    and `.info["source_size"]` the file's own (width, height), before any reduction.
+    and `.info["source_size"]` the file's own (width, height) as displayed (EXIF orientation
+    applied), before any reduction.
     `max_pixels` above Pillow's own `Image.MAX_IMAGE_PIXELS` (89.5 M) has no effect beyond it.
     CPU-bound: call it from a worker thread, not on the event loop.
     """
@@ -189,8 +191,8 @@ def open_upload(
         if width == 0 or height == 0:
             raise ImageRejected("the image has no pixels (zero width or height)", 400)
         try:
-            with budget.hold(width * height) if budget else _no_budget():
-                rgb = _decode(image, min_side)
+            with budget.hold(width * height) if budget else nullcontext():
+                rgb, swapped = _decode(image, min_side)
                 rgb.load()
         except ImageRejected:
             raise
@@ -217,24 +219,20 @@ def open_upload(
                 415,
             ) from error
     rgb.format = source_format
-    rgb.info["source_size"] = (width, height)
+    rgb.info["source_size"] = (height, width) if swapped else (width, height)
     return rgb
 
 
-@contextmanager
-def _no_budget() -> Iterator[None]:
-    yield
-
-
-def _decode(image: Image.Image, min_side: int | None) -> Image.Image:
-    """Load, reduce towards `min_side` before anything is copied, orient, convert to RGB."""
+def _decode(image: Image.Image, min_side: int | None) -> tuple[Image.Image, bool]:
+    """Load, reduce towards `min_side` before anything is copied, orient, convert to RGB;
+    also whether the orientation swapped width and height."""
     if min_side is not None and image.format == "JPEG":
         image.draft("RGB", (min_side, min_side))
     image.load()
     factor = min(image.size) // min_side if min_side else 1
-    if factor < 2:
-        return _to_rgb(ImageOps.exif_transpose(image))
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if factor < 2:
+        return _to_rgb(ImageOps.exif_transpose(image)), orientation in _SWAPS_SIDES
     if image.mode in _WIDE_GREY_MODES:
         working_mode = "I"  # 16-bit grey: `_to_rgb` keeps its high byte
     elif image.mode in _REDUCIBLE_MODES:
@@ -244,7 +242,7 @@ def _decode(image: Image.Image, min_side: int | None) -> Image.Image:
     reduced = _reduce_by_strips(image, factor, working_mode)
     if orientation in _ORIENTATION_FIX:
         reduced = reduced.transpose(_ORIENTATION_FIX[orientation])
-    return _to_rgb(reduced)
+    return _to_rgb(reduced), orientation in _SWAPS_SIDES
 
 
 def _reduce_by_strips(image: Image.Image, factor: int, mode: str) -> Image.Image:

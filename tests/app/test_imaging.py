@@ -305,6 +305,7 @@ def test_reduced_images_keep_their_exif_orientation_and_transparency():
     data = encode(_rotated_halves(400, 200), "PNG", exif=exif.tobytes())
     image = np.asarray(open_upload(data, max_pixels=MAX_PIXELS, min_side=50)).astype(int)
     assert image.shape == (100, 50, 3)  # factor 4, now portrait
+    assert open_upload(data, max_pixels=MAX_PIXELS).info["source_size"] == (200, 400)
     assert image[10, 25, 0] > 200 and image[10, 25, 2] < 60  # top: red
     assert image[90, 25, 2] > 200 and image[90, 25, 0] < 60  # bottom: blue
     rgba = np.zeros((200, 200, 4), dtype=np.uint8)
