@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app.api.input_rules import check_request_values
 from app.api.routes import datasets, galleries, images, jobs, models, reports, search
 
-api_router = APIRouter(prefix="/api/v1")
+api_router = APIRouter(prefix="/api/v1", dependencies=[Depends(check_request_values)])
 api_router.include_router(models.router)
 api_router.include_router(galleries.router)
 api_router.include_router(images.router)

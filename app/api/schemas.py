@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.api import input_rules
 from app.db.models import Image
 from app.index_store import IndexType
 from app.services.galleries import GalleryInfo
@@ -63,7 +64,9 @@ class GalleryCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name
-    model_id: int | None = Field(None, description="Defaults to the built-in pretrained model.")
+    model_id: int | None = Field(
+        None, ge=1, le=MAX_INT, description="Defaults to the built-in pretrained model."
+    )
     index_type: IndexType = IndexType.flat
     index_params: dict[str, Any] = Field(default_factory=dict)
 
@@ -333,6 +336,7 @@ def parse_metadata(text: str | None, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f'{what} must be a JSON object, e.g. {{"colour": "red"}}')
     check_metadata_keys(value)
+    input_rules.check(value, what)
     return value
 
 

@@ -96,8 +96,6 @@ def _uploads(
         for value, name in ((labels[position], "label"), (external_ids[position], "external_id")):
             if value is not None and len(value) > 200:
                 errors[position] = f"{name} is longer than 200 characters"
-            elif value is not None and "\x00" in value:
-                errors[position] = f"{name} contains a NUL character"
         uploads.append(
             service.Upload(
                 data=b"" if position in errors else file.file.read(),
