@@ -59,6 +59,7 @@ class LocalService:
     settings: Settings
     url: str
     api_key: str | None
+    api_key_note: str  # what to print about the key (the key itself only when just created)
     log_dir: Path | None = None  # workers write here (worker-<queue>.log), else to our stdout
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -134,7 +135,7 @@ def serve_processes(
     import uvicorn
 
     from app.db.migrate import upgrade
-    from app.main import create_app, with_api_key
+    from app.main import api_key_file, create_app, describe_api_key, with_api_key
     from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE
 
     queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
@@ -144,11 +145,14 @@ def serve_processes(
     # shared policy's pool sizes (the ones set when `app` was imported assumed no sharing).
     os.environ.update(threads.pool_environment(settings.thread_policy()))
     upgrade(settings)  # before the workers, which need the schema too
-    keyed = with_api_key(settings)
+    existed = api_key_file(settings).is_file()
+    keyed = with_api_key(settings, announce=False)
+    created = keyed.api_keys[0] if not existed and api_key_file(settings).is_file() else None
     service = LocalService(
         settings,
         f"http://{host}:{port}",
         keyed.api_keys[0] if keyed.api_keys else None,
+        describe_api_key(keyed, created=created),
         worker_log_dir,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port))
@@ -186,10 +190,7 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     with serve_processes(settings, host, port, workers=workers) as service:
         typer.echo(f"lookalike API at {service.url} (docs: {service.url}/docs)")
-        if service.api_key:
-            typer.echo(f"API key for writes (X-API-Key header): {service.api_key}")
-        else:
-            typer.echo("no API key configured: every route is open")
+        typer.echo(service.api_key_note)
         if workers:
             typer.echo(f"job workers: gpu and cpu queues on {redacted(settings.broker_url)}")
         while not stop.wait(1.0):

@@ -214,7 +214,7 @@ def run_demo(
             # The demo prints what matters; one access-log line per progress poll would bury it.
             logging.getLogger("uvicorn.access").disabled = True
             client = Client(service.url, service.api_key, stop)
-            banner(service.url, service.api_key, client)
+            banner(service.url, service.api_key_note, client)
             typer.echo(f"  job logs:  {logs}/worker-gpu.log, {logs}/worker-cpu.log")
             gallery, query = fill_gallery(client, settings, relative)
             model = client.get(f"/api/v1/models/{gallery['model_id']}")["name"]
@@ -240,11 +240,11 @@ def run_demo(
             signal.signal(sig, handler)
 
 
-def banner(url: str, api_key: str | None, client: Client) -> None:
+def banner(url: str, api_key_note: str, client: Client) -> None:
     typer.echo(f"  API:       {url}  (interactive docs: {url}/docs)")
     if client.status("/") == 200:
         typer.echo(f"  search page: {url}/")
-    typer.echo(f"  API key:   {api_key or '(none: every route is open)'}  (X-API-Key header)")
+    typer.echo(f"  {api_key_note}")
 
 
 def fill_gallery(client: Client, settings: Settings, relative: Path) -> tuple[dict, Path]:

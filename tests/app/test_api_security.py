@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
-from app.main import create_app
+from app.main import create_app, describe_api_key, with_api_key
 from tests.app.conftest import png
 
 API = "/api/v1"
@@ -89,6 +90,31 @@ def test_first_start_generates_a_key(tmp_path: Path, model_root: Path):
         assert ok.status_code == 201
     with TestClient(create_app(settings)) as client:  # the same key on the next start
         assert client.app.state.settings.api_keys == [key]
+
+
+def test_a_generated_key_is_printed_once_and_an_operators_key_never(
+    tmp_path: Path, model_root: Path, caplog: pytest.LogCaptureFixture
+):
+    settings = Settings(data_dir=tmp_path / "data", model_root=model_root, seed_builtin_model=False)
+    with caplog.at_level(logging.INFO), TestClient(create_app(settings)):
+        pass
+    key = (tmp_path / "data" / "api_key").read_text().strip()
+    assert sum(key in record.getMessage() for record in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO), TestClient(create_app(settings)):
+        pass
+    assert not any(key in record.getMessage() for record in caplog.records)
+    assert key not in describe_api_key(with_api_key(settings), created=None)
+    assert key in describe_api_key(with_api_key(settings), created=key)
+    operator = Settings(
+        data_dir=tmp_path / "other", model_root=model_root, api_keys=["operator-secret"]
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO), TestClient(create_app(operator)):
+        pass
+    assert not any("operator-secret" in record.getMessage() for record in caplog.records)
+    assert "operator-secret" not in describe_api_key(operator, created=None)
+    assert not (tmp_path / "other" / "api_key").exists()
 
 
 def test_oversized_uploads_get_413_and_store_nothing(limited):
