@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 
+from app.api.deps import KeyBeforeBodyMiddleware
 from app.api.limits import Limits, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.router import api_router
@@ -151,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "/api/v1/jobs/import": Limits(settings.max_archive_bytes, settings.max_archive_bytes),
         },
     )
+    app.add_middleware(KeyBeforeBodyMiddleware, fastapi_app=app)  # before any body is read
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -345,3 +345,52 @@ def test_readiness_waits_for_start_up(tmp_path: Path, model_root: Path):
     with client:
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["database"] == "ok"
+
+
+def test_the_key_is_checked_before_any_of_the_body_is_read(tmp_path: Path, model_root: Path):
+    """A write without a valid key is refused from its headers: the server never receives
+    the body (it could be up to MAX_REQUEST_BYTES)."""
+    with make_client(tmp_path, model_root, api_keys=["k1"], open_reads=False) as client:
+        gallery = setup_gallery(client, headers={"X-API-Key": "k1"})
+
+        def send_to_app(path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+            received = 0
+            statuses: list[int] = []
+
+            async def receive() -> dict:
+                nonlocal received
+                received += 1
+                return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+            async def send(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            boundary = b"multipart/form-data; boundary=b"
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", boundary), *headers],
+                "client": ("127.0.0.1", 1),
+                "server": ("testserver", 80),
+            }
+            client.portal.call(client.app, scope, receive, send)
+            return statuses[0], received
+
+        upload = f"{API}/galleries/{gallery}/images"
+        assert send_to_app(upload, []) == (401, 0)
+        assert send_to_app(upload, [(b"x-api-key", b"wrong")]) == (403, 0)
+        # A read route with closed reads is checked the same way.
+        assert send_to_app(f"{API}/galleries/{gallery}/search", []) == (401, 0)
+    with make_client(tmp_path, model_root, api_keys=["k1"]) as client:
+        response = client.post(
+            f"{API}/galleries/{gallery}/search", files={"image": ("q.png", png(0, 0))}
+        )
+        assert response.status_code == 200  # open reads need no key
