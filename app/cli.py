@@ -136,6 +136,7 @@ def serve_processes(
 
     from app.db.migrate import upgrade
     from app.main import api_key_file, create_app, describe_api_key, with_api_key
+    from app.services.runtime import keep_files_private
     from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE
 
     queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
@@ -144,6 +145,7 @@ def serve_processes(
     # This process loads torch and faiss below, the workers at their start: both with the
     # shared policy's pool sizes (the ones set when `app` was imported assumed no sharing).
     os.environ.update(threads.pool_environment(settings.thread_policy()))
+    keep_files_private()  # the database, the key, worker logs: owner-only from the start
     upgrade(settings)  # before the workers, which need the schema too
     existed = api_key_file(settings).is_file()
     keyed = with_api_key(settings, announce=False)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 
 from app.api.deps import KeyBeforeBodyMiddleware
+from app.api.headers import SecurityHeadersMiddleware
 from app.api.limits import Limits, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.api.router import api_router
@@ -30,7 +31,7 @@ from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
 from app.services.errors import ServiceError
 from app.services.models import ensure_builtin
-from app.services.runtime import Runtime
+from app.services.runtime import Runtime, keep_files_private
 from app.web import install_web
 
 log = logging.getLogger("lookalike")
@@ -79,6 +80,7 @@ def describe_api_key(settings: Settings, *, created: str | None) -> str:
 
 
 def _start(app: FastAPI, settings: Settings) -> None:
+    keep_files_private()
     upgrade(settings)
     settings = with_api_key(settings)
     runtime = Runtime.start(settings, on_batch=app.state.metrics.observe_batch)
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(KeyBeforeBodyMiddleware, fastapi_app=app)  # before any body is read
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
 from app.db.session import make_engine, make_session_factory
+from app.services.runtime import keep_files_private
 
 log = logging.getLogger("lookalike.prestart")
 
@@ -72,6 +73,7 @@ def seed(settings: Settings) -> None:
 def prestart(settings: Settings, wait_s: float = 60.0) -> None:
     log.info("database: %s", redacted(settings.database_url))
     wait_for_database(settings, wait_s)
+    keep_files_private()
     upgrade(settings)
     seed(settings)
 

@@ -88,8 +88,18 @@ async def require_read_key(
         _check_key(settings, key)
 
 
+async def require_metrics_key(
+    settings: SettingsDep, key: Annotated[str | None, Security(api_key_header)]
+) -> None:
+    """/metrics (gallery ids, index sizes): open when OPEN_METRICS, which defaults to
+    OPEN_READS, so closing reads closes the metrics too."""
+    if not (settings.open_reads if settings.open_metrics is None else settings.open_metrics):
+        _check_key(settings, key)
+
+
 WriteAccess = Depends(require_write_key)
 ReadAccess = Depends(require_read_key)
+MetricsAccess = Depends(require_metrics_key)
 
 
 Access = Literal["write", "read"]

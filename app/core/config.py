@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Keys accepted in the X-API-Key header for writes."
     )
     open_reads: bool = Field(True, description="Read routes answer without an API key.")
+    open_metrics: bool | None = Field(
+        None,
+        description="/metrics (gallery ids, index sizes) answers without an API key; "
+        "empty: the same as OPEN_READS.",
+    )
     auto_api_key: bool = Field(
         True,
         description="With no API_KEYS configured, generate one at first start "

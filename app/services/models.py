@@ -53,7 +53,11 @@ def register_artifact(
     _check_name_free(session, name)
     staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(source, staging, symlinks=False)
+        # copyfile, not copy2: the copies get this process's (owner-only) modes, not the
+        # source's; copytree still copies each folder's mode, hence the chmod.
+        shutil.copytree(source, staging, symlinks=False, copy_function=shutil.copyfile)
+        for folder in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            folder.chmod(0o700)
         return _register_staged(session, settings, staging, name, builtin=builtin)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

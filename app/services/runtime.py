@@ -23,6 +23,16 @@ from training.evaluation.cluster_classifier import ClusterClassifier
 logger = logging.getLogger(__name__)
 
 
+# Files and folders this process creates (uploads, databases, indexes, logs, models) are the
+# service user's alone: 0600 files, 0700 folders.
+PRIVATE_UMASK = 0o077
+
+
+def keep_files_private() -> None:
+    """Set the process umask so that everything created from now on is owner-only."""
+    os.umask(PRIVATE_UMASK)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -39,6 +49,7 @@ class Runtime:
     def start(cls, settings: Settings, on_batch: Callable[[int], None] | None = None) -> Runtime:
         """Connect to the database and prepare (empty) index and embedder caches; the schema
         must already be at head (`app.db.migrate.upgrade`)."""
+        keep_files_private()
         for directory in (settings.uploads_dir, settings.indexes_dir, settings.models_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if "LOOKALIKE_TORCH_THREADS" in os.environ:

@@ -394,3 +394,41 @@ def test_the_key_is_checked_before_any_of_the_body_is_read(tmp_path: Path, model
             f"{API}/galleries/{gallery}/search", files={"image": ("q.png", png(0, 0))}
         )
         assert response.status_code == 200  # open reads need no key
+
+
+def test_metrics_follow_closed_reads_and_data_files_are_owner_only(
+    tmp_path: Path, model_root: Path
+):
+    with make_client(tmp_path, model_root, api_keys=["k1"], open_reads=False) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"X-API-Key": "k1"}).status_code == 200
+        gallery = setup_gallery(client, headers={"X-API-Key": "k1"})
+        upload = client.post(
+            f"{API}/galleries/{gallery}/images",
+            files=[("files", ("a.png", png(0, 0)))],
+            headers={"X-API-Key": "k1"},
+        )
+        assert upload.status_code == 201
+    data = tmp_path / "data"
+    created = [p for p in data.rglob("*")]
+    assert any(p.suffix == ".png" for p in created) and any(p.name.endswith(".db") for p in created)
+    loose = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in created if p.stat().st_mode & 0o077]
+    assert loose == []
+    with make_client(
+        tmp_path, model_root, api_keys=["k1"], open_reads=False, open_metrics=True
+    ) as c:
+        assert c.get("/metrics").status_code == 200
+
+
+def test_every_answer_says_nosniff_and_the_web_ui_has_a_content_security_policy(
+    client: TestClient,
+):
+    api = client.get(f"{API}/galleries")
+    assert api.headers["x-content-type-options"] == "nosniff"
+    assert "content-security-policy" not in api.headers
+    page = client.get("/ui/")
+    assert page.headers["x-content-type-options"] == "nosniff"
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy
+    assert client.get("/ui/static/js/app.js").headers["content-security-policy"] == policy

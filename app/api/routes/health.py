@@ -7,6 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.api.deps import MetricsAccess
+
 router = APIRouter(tags=["health"])
 
 
@@ -41,7 +43,7 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if database == "ok" else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[MetricsAccess])
 def metrics(request: Request) -> Response:
     return Response(
         generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
