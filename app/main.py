@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.api.deps import KeyBeforeBodyMiddleware
 from app.api.headers import SecurityHeadersMiddleware
@@ -117,6 +118,16 @@ async def _data_error(_: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def _pool_timeout(_: Request, error: Exception) -> JSONResponse:
+    """No database connection came free in time: the server is overloaded, not broken."""
+    assert isinstance(error, PoolTimeout)
+    return JSONResponse(
+        {"detail": "the server is busy (no database connection came free); retry shortly"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _validation_error(_: Request, error: Exception) -> JSONResponse:
     """FastAPI's validation errors as one readable sentence per problem."""
     assert isinstance(error, RequestValidationError)
@@ -132,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes run in AnyIO's default thread pool: as many as the database pool serves.
+        to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         await to_thread.run_sync(_start, app, settings)
         try:
             yield
@@ -160,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(PoolTimeout, _pool_timeout)
     app.include_router(api_router)
     app.include_router(health.router)
     install_web(app)  # the web interface at /ui/ (issue 7, app/web)

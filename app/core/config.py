@@ -96,6 +96,15 @@ class Settings(BaseSettings):
         "the model's ONNX export matches torch, else torch.",
     )
     device: str = Field("cpu", description="Device the API embeds on (cpu or cuda).")
+    request_threads: int = Field(
+        16,
+        ge=1,
+        description="Threads that run the API's blocking routes: the requests served at once "
+        "(more wait their turn); the database pool holds one connection for each.",
+    )
+    db_pool_timeout_s: float = Field(
+        30.0, gt=0, description="Wait for a database connection before answering 503."
+    )
     embed_batch_size: int = Field(32, description="Largest micro-batch the embedder forms.")
     embed_max_wait_ms: float = Field(
         0.0,

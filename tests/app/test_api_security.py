@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from anyio import to_thread
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
+from app.db.session import DB_POOL_EXTRA
 from app.main import create_app, describe_api_key, with_api_key
 from tests.app.conftest import png
 
@@ -432,3 +434,24 @@ def test_every_answer_says_nosniff_and_the_web_ui_has_a_content_security_policy(
     assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert "unsafe-inline" not in policy
     assert client.get("/ui/static/js/app.js").headers["content-security-policy"] == policy
+
+
+def test_a_database_pool_timeout_is_a_503_with_retry_after_not_a_500(
+    tmp_path: Path, model_root: Path
+):
+    """The pool holds one connection per request thread (plus a few); should it still run dry,
+    the request answers 503 with Retry-After once `db_pool_timeout_s` has passed."""
+    with make_client(tmp_path, model_root, request_threads=3, db_pool_timeout_s=0.3) as client:
+        engine = client.app.state.engine
+        assert engine.pool.size() == 3
+        limiter = client.portal.call(to_thread.current_default_thread_limiter)
+        assert limiter.total_tokens == 3
+        held = [engine.connect() for _ in range(3 + DB_POOL_EXTRA)]
+        try:
+            busy = client.get(f"{API}/galleries")
+        finally:
+            for connection in held:
+                connection.close()
+        assert busy.status_code == 503 and busy.headers["retry-after"].isdigit(), busy.text
+        assert "busy" in busy.json()["detail"]
+        assert client.get(f"{API}/galleries").status_code == 200
