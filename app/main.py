@@ -31,6 +31,7 @@ from app.api.routes import health
 from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
 from app.services.errors import ServiceError
+from app.services.images import sweep_orphan_files
 from app.services.models import ensure_builtin
 from app.services.runtime import Runtime, keep_files_private
 from app.web import install_web
@@ -89,6 +90,10 @@ def _start(app: FastAPI, settings: Settings) -> None:
         with runtime.session_factory() as session:
             ensure_builtin(session, settings)
     runtime.index_store.remove_stale_temp_files()
+    orphans = sweep_orphan_files(runtime)
+    if orphans:
+        log.warning("deleted %d upload files that no image refers to (uploads cut short)", orphans)
+    app.state.orphans_removed = orphans
     app.state.runtime = runtime
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine

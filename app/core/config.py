@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         description="Build and register the pretrained EfficientNet-Lite0 model at start-up.",
     )
     max_k: int = Field(1000, description="Largest k + offset a search may ask for.")
+    orphan_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Upload files without a database row (an upload killed before its commit) "
+        "are deleted at start once older than this.",
+    )
     thumbnail_size: int = Field(256, description="Longer side of thumbnails, in pixels.")
     snapshot_every: int = Field(
         1000, description="Index changes after which a gallery's FAISS snapshot is rewritten."

@@ -9,6 +9,7 @@ the commit leaves at most an unreferenced file; after it, start-up replay restor
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -135,6 +136,42 @@ def thumbnail(runtime: Runtime, image: Image) -> Path:
     temporary.write_bytes(make_thumbnail(picture, settings.thumbnail_size))
     os.replace(temporary, path)  # concurrent first views each write a whole file
     return path
+
+
+def sweep_orphan_files(runtime: Runtime) -> int:
+    """Delete upload files that no image row names, thumbnails of images that are gone and
+    folders of deleted galleries, all older than `Settings.orphan_grace_s` (an upload writes
+    its files before its commit, possibly in another API process); returns how many files.
+
+    They are what an upload killed between writing its files and committing leaves behind
+    (`add_images` removes its own files when it fails; a SIGKILL skips that)."""
+    settings = runtime.settings
+    cutoff = time.time() - settings.orphan_grace_s
+    removed = 0
+    if not settings.uploads_dir.is_dir():
+        return 0
+    with runtime.session_factory() as session:
+        for folder in settings.uploads_dir.iterdir():
+            if not (folder.is_dir() and folder.name.isdigit()):
+                continue
+            names = {
+                Path(name).name
+                for name in session.scalars(
+                    select(Image.file_name).where(Image.gallery_id == int(folder.name))
+                )
+            }
+            stems = {Path(name).stem for name in names}
+            for path in folder.rglob("*"):
+                if not path.is_file() or path.stat().st_mtime > cutoff:
+                    continue
+                if THUMBNAILS_FOLDER in path.relative_to(folder).parts[:-1]:
+                    orphan = path.stem not in stems  # also leftover temporary files
+                else:
+                    orphan = path.name not in names
+                if orphan:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+    return removed
 
 
 def list_images(

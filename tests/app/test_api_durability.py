@@ -119,3 +119,51 @@ def test_sigkill_during_uploads_loses_no_acknowledged_image(tmp_path: Path, mode
     finally:
         server.kill()
         server.wait()
+
+
+def test_files_of_uploads_killed_before_their_commit_are_swept_at_start(
+    tmp_path: Path, model_root: Path
+):
+    """Files no image row names (an upload SIGKILLed between writing and committing) are
+    deleted at the next start once older than the grace period, and counted in /readyz;
+    stored images, their thumbnails and recent files (an upload in flight) are kept."""
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_root=model_root,
+        seed_builtin_model=False,
+        auto_api_key=False,
+        orphan_grace_s=600,
+    )
+    with TestClient(create_app(settings)) as client:
+        model = client.post("/api/v1/models", data={"name": "t", "path": "tiny"}).json()["id"]
+        gallery = client.post("/api/v1/galleries", json={"name": "g", "model_id": model}).json()
+        upload = client.post(
+            f"/api/v1/galleries/{gallery['id']}/images", files=[("files", ("a.png", png(0, 0)))]
+        )
+        image = upload.json()["results"][0]["image"]
+        assert client.get(image["thumbnail_url"]).status_code == 200
+        assert client.get("/readyz").json()["orphan_files_removed"] == 0
+    folder = settings.uploads_dir / str(gallery["id"])
+    kept = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert len(kept) == 2  # the image and its thumbnail
+    old = time.time() - 3600
+    stale = [folder / "0123abcd.png", folder / "thumbnails" / "256" / "0123abcd.jpg"]
+    stale.append(settings.uploads_dir / "999" / "feed.jpg")  # a deleted gallery's folder
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (old, old))
+    for path in kept:
+        os.utime(path, (old, old))
+    recent = folder / "in-flight.png"
+    recent.write_bytes(b"x")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["orphan_files_removed"] == 3
+        assert client.get(image["thumbnail_url"]).status_code == 200
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept) and recent.exists()

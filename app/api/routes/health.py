@@ -36,6 +36,9 @@ def readyz(request: Request) -> JSONResponse:
         "database": database,
         "indexes_loaded": True,
         "indexes": runtime.indexes.loaded_count(),
+        # Upload files without an image row (uploads killed before their commit), deleted at
+        # this start.
+        "orphan_files_removed": state.orphans_removed,
         # Galleries whose stored index settings cannot be applied: the service runs without
         # them, their searches answer 503 with the same reason.
         "unavailable_galleries": {str(k): v for k, v in runtime.indexes.unavailable.items()},
