@@ -200,6 +200,10 @@ def add_images(
     results = [UploadResult(filename=u.filename) for u in uploads]
     decoded: list[_Decoded] = []
     for position, upload in enumerate(uploads):
+        problem = _text_problem(upload)
+        if problem:
+            results[position].error, results[position].status_code = problem, 422
+            continue
         try:
             picture = _decode_for(runtime, embedder, upload.data)
         except ImageRejected as error:
@@ -263,6 +267,21 @@ def add_images(
                 path.unlink(missing_ok=True)
     _fill_request_duplicates(decoded, results)
     return results
+
+
+# Longest label or external id (the columns' width; docs/service.md).
+MAX_TEXT = 200
+
+
+def _text_problem(upload: Upload) -> str | None:
+    """Why the upload's label or external id cannot be stored (imports take labels from
+    folder names, which the API's input rules never saw), or None."""
+    for value, name in ((upload.label, "label"), (upload.external_id, "external_id")):
+        if value is not None and len(value) > MAX_TEXT:
+            return f"{name} is longer than {MAX_TEXT} characters"
+        if value is not None and "\x00" in value:
+            return f"{name} contains a NUL character"
+    return None
 
 
 def _decode_for(runtime: Runtime, embedder: BatchingEmbedder, data: bytes) -> PILImage.Image:

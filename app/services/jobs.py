@@ -502,6 +502,8 @@ def cancel(session: Session, settings: Settings, job_id: int) -> Job:
                 f"job {job_id} is already {job.state}; only queued or running jobs can be cancelled"
             )
     session.commit()
+    if cancelled_queued:  # no worker will run it: its uploaded archive is not kept
+        (job_dir(settings, job_id) / ARCHIVE_FILE).unlink(missing_ok=True)
     session.refresh(job)
     return job
 

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.db.models import Job
 from app.db.models.jobs import JobState
 from app.services.errors import ServiceError
@@ -245,6 +246,25 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
+def without_server_paths(message: str, settings: Settings) -> str:
+    """`message` with the server's own folders (data directory, dataset and model roots)
+    replaced by their setting's name: a job's error is shown to every reader."""
+    roots = {
+        "DATA_DIR": settings.data_dir,
+        "DATASET_ROOT": settings.dataset_root,
+        "MODEL_ROOT": settings.model_root,
+    }
+    places = [
+        (str(variant), name)
+        for name, root in roots.items()
+        if root is not None
+        for variant in {root.resolve(), root.absolute()}
+    ]
+    for place, name in sorted(places, key=lambda item: -len(item[0])):
+        message = message.replace(place, f"<{name}>")
+    return message
+
+
 def execute(
     runtime: Runtime, job_id: int, worker: str, body: Callable[[JobRun], dict[str, Any]]
 ) -> None:
@@ -269,7 +289,12 @@ def execute(
         except user_error_types() as error:
             message = error.message if isinstance(error, ServiceError) else str(error)
             log.error("job %d failed: %s", job.id, message)
-            run.finish(JobState.failed, error=message)
+            run.finish(JobState.failed, error=without_server_paths(message, runtime.settings))
         except Exception as error:
+            # Anyone who can read jobs sees the error: never a driver's SQL or a traceback.
             log.exception("job %d failed", job.id)
-            run.finish(JobState.failed, error=f"{type(error).__name__}: {error}")
+            run.finish(
+                JobState.failed,
+                error=f"internal error ({type(error).__name__}); the log of worker {worker} "
+                f"has the details (job {job.id})",
+            )

@@ -10,7 +10,11 @@ GPU does), and Celery kills `worker_process_init` handlers that block for more t
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import logging
+import lzma
 import tarfile
 import threading
 import zipfile
@@ -264,12 +268,17 @@ def import_images(self: Task, job_id: int) -> None:
     _run(self, job_id, import_body)
 
 
+class _BudgetExceeded(Exception):
+    """The import read past `import_max_bytes` (raised by `_CountingReader`)."""
+
+
 class _Budget:
-    """Import limits: files and uncompressed bytes (archive bombs) per job."""
+    """Import limits: files, and every decompressed byte (archive bombs), per job."""
 
     def __init__(self, settings: Settings) -> None:
         self.files_left = settings.import_max_files
         self.bytes_left = settings.import_max_bytes
+        self.max_bytes = settings.import_max_bytes
         self.per_file = settings.max_upload_bytes
         self.stopped: str | None = None
 
@@ -280,9 +289,21 @@ class _Budget:
         self.files_left -= 1
         return True
 
-    def read(self, handle: IO[bytes]) -> bytes | str:
-        """The file's bytes, or why it was refused; never reads more than the limits allow."""
-        limit = min(self.per_file, self.bytes_left)
+    def consume(self, size: int) -> None:
+        self.bytes_left -= size
+        if self.bytes_left < 0:
+            self.bytes_left = 0
+            self.stopped = (
+                f"stopped at the import_max_bytes limit: more than {self.max_bytes:,} bytes "
+                "decompressed (members skipped or not)"
+            )
+            raise _BudgetExceeded(self.stopped)
+
+    def read(self, handle: IO[bytes], *, counted: bool = False) -> bytes | str:
+        """The file's bytes, or why it was refused; never reads more than the limits allow.
+        `counted`: the handle's bytes already count (a tar stream read through
+        `_CountingReader`)."""
+        limit = self.per_file if counted else min(self.per_file, self.bytes_left)
         data = handle.read(limit + 1)
         if len(data) > limit:
             if limit < self.per_file:
@@ -290,8 +311,33 @@ class _Budget:
                 self.bytes_left = 0
                 return "not read: the import's total size limit was reached"
             return f"larger than the {self.per_file:,}-byte limit per image"
-        self.bytes_left -= len(data)
+        if not counted:
+            self.bytes_left -= len(data)
         return data
+
+
+class _CountingReader(io.RawIOBase):
+    """A decompressed stream that charges every byte read, skipped members included, to the
+    import's budget: a small archive that inflates to gigabytes stops at the budget."""
+
+    def __init__(self, stream: IO[bytes], budget: _Budget) -> None:
+        self.stream = stream
+        self.budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        data = self.stream.read(len(buffer))
+        self.budget.consume(len(data))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _readable_text(name: str) -> str:
+    """A member name as text that every database and JSON encoder accepts: names that are not
+    valid UTF-8 (tar keeps their bytes as surrogate escapes) get U+FFFD where bytes were bad."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("\x00", "")
 
 
 def _label(name: PurePosixPath, by_folder: bool) -> str | None:
@@ -312,7 +358,7 @@ def _folder_files(
         for path in paths:
             if not budget.take_file():
                 return
-            relative = PurePosixPath(path.relative_to(folder).as_posix())
+            relative = PurePosixPath(_readable_text(path.relative_to(folder).as_posix()))
             label = _label(relative, params.label_from_folder)
             if not path.resolve().is_relative_to(root):
                 yield str(relative), label, "a link leading out of the dataset root"
@@ -331,29 +377,46 @@ def _archive_files(
     """(how many image members, if known without reading it all, the members) of a zip or tar
     archive. Member names are only reported and used as labels, never as paths, so `../` or
     absolute names cannot write anywhere; links, devices and folders are skipped; every read
-    is capped (a bomb's declared sizes are not trusted)."""
+    is capped (a bomb's declared sizes are not trusted), and a tar's whole decompressed stream
+    counts toward the import's byte budget."""
     total = None
-    members = _tar_members
-    if zipfile.is_zipfile(archive):
-        members = _zip_members
+    is_zip = zipfile.is_zipfile(archive)
+    if is_zip:
         with zipfile.ZipFile(archive) as bundle:
             names = [PurePosixPath(i.filename).name for i in bundle.infolist() if not i.is_dir()]
         total = sum(is_image_file(Path(name)) for name in names)
 
     def files() -> Iterator[tuple[str, str | None, bytes | str]]:
-        for name, handle in members(archive):
-            path = PurePosixPath(name)
-            if not is_image_file(Path(path.name)):
-                continue
-            if not budget.take_file():
-                return
-            try:
-                data = handle if isinstance(handle, str) else budget.read(handle)
-            except (zipfile.BadZipFile, tarfile.TarError, RuntimeError, OSError, EOFError) as e:
-                data = f"unreadable archive member: {e}"
-            yield name, _label(path, params.label_from_folder), data
-            if budget.stopped:
-                return
+        members = _zip_members(archive) if is_zip else _tar_members(archive, budget)
+        try:
+            for raw_name, handle in members:
+                name = _readable_text(raw_name)
+                path = PurePosixPath(name)
+                if not is_image_file(Path(path.name)):
+                    continue
+                if not budget.take_file():
+                    return
+                try:
+                    data = (
+                        handle
+                        if isinstance(handle, str)
+                        else budget.read(handle, counted=not is_zip)
+                    )
+                except (
+                    zipfile.BadZipFile,
+                    tarfile.TarError,
+                    RuntimeError,
+                    OSError,
+                    EOFError,
+                ) as error:
+                    data = f"unreadable archive member: {error}"
+                yield name, _label(path, params.label_from_folder), data
+                if budget.stopped:
+                    return
+        except _BudgetExceeded:
+            return
+        except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile) as error:
+            budget.stopped = f"stopped: the rest of the archive cannot be read ({error})"
 
     return total, files()
 
@@ -372,8 +435,24 @@ def _zip_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
                 yield info.filename, handle
 
 
-def _tar_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
-    with tarfile.open(archive, "r:*") as bundle:
+# Compressed tar formats by their first bytes, and the module that decompresses each.
+_DECOMPRESSORS: tuple[tuple[bytes, Any], ...] = (
+    (b"\x1f\x8b", gzip),
+    (b"BZh", bz2),
+    (b"\xfd7zXZ\x00", lzma),
+)
+
+
+def _tar_members(archive: Path, budget: _Budget) -> Iterator[tuple[str, IO[bytes] | str]]:
+    """A tar's members in stream mode over the decompressed bytes, each one counted."""
+    with open(archive, "rb") as head:
+        magic = head.read(6)
+    module = next((m for prefix, m in _DECOMPRESSORS if magic.startswith(prefix)), None)
+    with (
+        module.open(archive, "rb") if module else open(archive, "rb") as raw,
+        io.BufferedReader(_CountingReader(raw, budget), 1024 * 1024) as counted,
+        tarfile.open(fileobj=counted, mode="r|") as bundle,
+    ):
         for member in bundle:
             handle = bundle.extractfile(member) if member.isfile() else None
             if handle is not None:
@@ -381,14 +460,27 @@ def _tar_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
 
 
 def import_body(run: JobRun) -> dict[str, Any]:
-    from app.services.images import Upload, UploadResult, add_images
-
     params = ImportParams.model_validate(run.job.params)
     budget = _Budget(run.settings)
-    if params.archive:
-        total, files = _archive_files(job_dir(run.settings, run.id) / ARCHIVE_FILE, params, budget)
-    else:
-        total, files = _folder_files(run.settings, params, budget)
+    if not params.archive:
+        return _import_files(run, params, budget, *_folder_files(run.settings, params, budget))
+    archive = job_dir(run.settings, run.id) / ARCHIVE_FILE
+    try:
+        return _import_files(run, params, budget, *_archive_files(archive, params, budget))
+    finally:  # whatever the outcome (done, failed, cancelled): the upload is not kept
+        archive.unlink(missing_ok=True)
+
+
+def _import_files(
+    run: JobRun,
+    params: ImportParams,
+    budget: _Budget,
+    total: int | None,
+    files: Iterator[tuple[str, str | None, bytes | str]],
+) -> dict[str, Any]:
+    """Add `files` (name, label, bytes or why it was refused) in batches; the job's result."""
+    from app.services.images import Upload, UploadResult, add_images
+
     total = None if total is None else min(total, run.settings.import_max_files)
     run.report(progress=0.0, step=0, total_steps=total, force=True)
     entries: list[dict[str, Any]] = []
@@ -444,8 +536,6 @@ def import_body(run: JobRun) -> dict[str, Any]:
             # commits its images, so a cancelled import stops within two batches (64 files).
             for pending in in_flight:
                 pending.cancel()
-    if params.archive:
-        (job_dir(run.settings, run.id) / ARCHIVE_FILE).unlink(missing_ok=True)
     return {
         "gallery_id": params.gallery_id,
         **_counts(entries),

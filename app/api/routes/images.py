@@ -93,9 +93,6 @@ def _uploads(
             meta = parse_metadata(metadata_texts[position], "metadata")
         except ValueError as error:
             errors[position], meta = str(error), {}
-        for value, name in ((labels[position], "label"), (external_ids[position], "external_id")):
-            if value is not None and len(value) > 200:
-                errors[position] = f"{name} is longer than 200 characters"
         uploads.append(
             service.Upload(
                 data=b"" if position in errors else file.file.read(),
