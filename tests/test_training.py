@@ -364,3 +364,37 @@ def test_the_benchmark_table_reports_mean_and_spread_over_seeds_for_both_models(
     last = spread_row("icons", "margin", results, "last").split(" | ")
     assert last[3] == "0.500 ± 0.000"
     assert last[3 + len(COLUMNS)] == "-"  # no train metrics for the last model
+
+
+def test_unwritable_outputs_are_one_error_line_and_exit_2_before_any_work(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """`--out` on a file, `--json`/`--out` below a file, `pretrained` onto an existing artifact:
+    one `error:` line and exit 2, checked before any model is loaded or image read."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    model = tmp_path / "pre"
+    assert invoke("pretrained", model, "--image-size", 32).exit_code == 0
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr("training.evaluation.embed.embed_split_with_artifact", no_work)
+    monkeypatch.setattr("training.engine.trainer.Trainer.__init__", no_work)
+    data = ("--data", tiny_dataset)
+    cases = [
+        (("train", *data, "--iterations", 1, "--out", a_file, *TINY), "is a file"),
+        (("evaluate", "--model", model, *data, "--json", a_file / "m.json"), "is a file"),
+        (("embed", "--model", model, *data, "--out", a_file / "e.npz"), "is a file"),
+        (("embed", "--model", model, *data, "--out", tmp_path), "is a folder"),
+        (("pretrained", model, "--image-size", 32), "already exists"),
+        (("pretrained", a_file), "is a file"),
+        (("export", model, "--out", a_file / "m.onnx"), "is a file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output and message in result.output, (args, result.output)
+        assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1
+    assert a_file.read_text() == "keep me"
+    assert invoke("pretrained", model, "--image-size", 32, "--force").exit_code == 0

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from training.fsutil import check_output_dir, check_output_file
+
 app = typer.Typer(
     help="lookalike: deep metric learning (DiVA, DVML, Magnet) and image similarity search.",
     no_args_is_help=True,
@@ -198,6 +200,7 @@ def train(
         },
     }
     cfg = resolve_config(overrides, config_file=config, preset=preset)
+    check_output_dir(Path(cfg.out), "--out")
     trainer = Trainer(cfg)
     console.print(
         f"training [bold]{cfg.method}[/] on {trainer.data.dataset.name}: "
@@ -275,6 +278,8 @@ def evaluate(
     """Leave-one-out retrieval and clustering metrics of a model on a dataset split."""
     from training.evaluation.metrics import evaluate_embeddings, format_metrics_table
 
+    if json_out:
+        check_output_file(json_out, "--json")
     embeddings, labels, _ = _embed_split(
         model, data, split, max_classes, device, batch_size, workers
     )
@@ -299,6 +304,7 @@ def embed(
     workers: Annotated[int, typer.Option()] = 2,
 ) -> None:
     """Embed a dataset split into an .npz file (arrays embeddings, labels, paths)."""
+    check_output_file(out, "--out")
     embeddings, labels, chosen = _embed_split(
         model, data, split, max_classes, device, batch_size, workers
     )
@@ -321,8 +327,10 @@ def pretrained(
     image_size: Annotated[int, typer.Option()] = 224,
     test_crop_pct: Annotated[float, typer.Option()] = 0.875,
     pooling: Annotated[str, typer.Option()] = "avg",
+    force: Annotated[bool, typer.Option(help="replace what is at OUT")] = False,
 ) -> None:
     """Export the ImageNet-pretrained backbone (pooled features, untrained) as a model artifact."""
+    check_output_dir(out, "OUT", must_be_empty=not force)
     from training.checkpoint import ModelCard, Preprocessing, save_artifact
     from training.models.embedding import EmbeddingModel, ModelSpec
 
@@ -360,6 +368,8 @@ def export(
 
     if format != "onnx":
         raise ValueError(f"unknown format {format!r}; the only one is onnx")
+    if out is not None:
+        check_output_file(out, "--out")
     try:
         written = export_onnx(model, out)
     except ExportError as error:

@@ -29,3 +29,42 @@ def replace_directory(new: Path, target: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         new.rename(target)
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the CLI reports it before any work starts."""
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a directory (nothing can be
+    created below a file), else None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_file(path: Path, option: str, *, overwrite: bool = True) -> None:
+    """Raise OutputPathError unless a file can be written at `path` (`option` names it)."""
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise OutputPathError(f"{option} {path}: {blocking} is a file, not a folder")
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise OutputPathError(
+            f"{option} {path} already exists; choose another path or pass --force"
+        )
+
+
+def check_output_dir(path: Path, option: str, *, must_be_empty: bool = False) -> None:
+    """Raise OutputPathError unless `path` is, or can be created as, a folder."""
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        raise OutputPathError(f"{option} {path}: {blocking} is a file, not a folder")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file; give a folder")
+    if must_be_empty and path.is_dir() and any(path.iterdir()):
+        raise OutputPathError(
+            f"{option} {path} already exists and is not empty; choose another path or pass --force"
+        )

@@ -50,6 +50,7 @@ from training.data.splits import class_disjoint_split, randomize_labels
 from training.data.transforms import TransformConfig, build_train_transform
 from training.evaluation.embed import compute_embeddings, embed_split_with_artifact
 from training.evaluation.metrics import evaluate_embeddings
+from training.fsutil import OutputPathError, check_output_dir
 from training.methods import Batch, Method, build_method
 from training.models.embedding import EmbeddingModel, ModelSpec
 
@@ -415,6 +416,10 @@ class Trainer:
     def _prepare_out_dir(self) -> bool:
         """Create the run directory, or resume the unfinished run in it; True if resumed."""
         config = self.cfg.model_dump(mode="json")
+        try:
+            check_output_dir(self.out, "--out")
+        except OutputPathError as error:
+            raise RunDirectoryError(str(error)) from None
         if (self.out / RESULTS_FILE).exists():
             raise RunDirectoryError(f"{self.out} holds a finished run; choose another --out")
         state_path = self.out / STATE_FILE
