@@ -22,10 +22,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from app.api.deps import KeyBeforeBodyMiddleware
 from app.api.headers import SecurityHeadersMiddleware
 from app.api.limits import Limits, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
+from app.api.openapi import install_openapi
+from app.api.route_guard import KeyBeforeBodyMiddleware, MethodNotAllowedMiddleware
 from app.api.router import api_router
 from app.api.routes import health
 from app.core.config import Settings, get_settings
@@ -133,6 +134,14 @@ async def _pool_timeout(_: Request, error: Exception) -> JSONResponse:
     )
 
 
+async def _internal_error(_: Request, error: Exception) -> JSONResponse:
+    """A bug, not the client's fault: the same error body as every other answer, no details
+    (the log has the traceback)."""
+    return JSONResponse(
+        {"detail": "internal error; the server's log has the details"}, status_code=500
+    )
+
+
 async def _validation_error(_: Request, error: Exception) -> JSONResponse:
     """FastAPI's validation errors as one readable sentence per problem."""
     assert isinstance(error, RequestValidationError)
@@ -173,13 +182,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.add_middleware(KeyBeforeBodyMiddleware, fastapi_app=app)  # before any body is read
+    app.add_middleware(MethodNotAllowedMiddleware, fastapi_app=app)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(PoolTimeout, _pool_timeout)
+    app.add_exception_handler(Exception, _internal_error)
     app.include_router(api_router)
     app.include_router(health.router)
     install_web(app)  # the web interface at /ui/ (issue 7, app/web)
+    install_openapi(app, settings)
     return app

@@ -45,7 +45,13 @@ class DatasetOut(BaseModel):
         )
 
 
-@router.post("", response_model=DatasetOut, status_code=201, dependencies=[WriteAccess])
+@router.post(
+    "",
+    response_model=DatasetOut,
+    status_code=201,
+    dependencies=[WriteAccess],
+    responses={202: {"model": DatasetOut, "description": "Accepted: a worker builds it."}},
+)
 def register_dataset(
     body: DatasetRequest,
     response: Response,

@@ -40,7 +40,9 @@ def _per_file(values: list[str] | None, count: int, field: str) -> list[str | No
     response_model=UploadResponse,
     status_code=status.HTTP_201_CREATED,
     dependencies=[WriteAccess],
-    responses={207: {"description": "Some files were rejected; see each result."}},
+    responses={
+        207: {"model": UploadResponse, "description": "Some files were rejected; see each result."}
+    },
 )
 def upload_images(
     gallery_id: Id,
