@@ -22,7 +22,7 @@ ERROR_SCHEMA = {
     },
 }
 ERROR_DESCRIPTIONS = {
-    400: "The request is malformed: a corrupt or truncated image, an unreadable upload.",
+    400: "The request is malformed: a body that does not parse, a corrupt or truncated image.",
     401: "This route needs an API key: send it in the X-API-Key header.",
     403: "The X-API-Key header does not hold a valid API key.",
     404: "No such resource (gallery, image, model, job, dataset, report).",
@@ -99,13 +99,13 @@ def _error_codes(
     if not path.startswith("/api/"):
         return codes | ({503} if path == "/readyz" else set())
     codes |= {422, 503}
-    if any(p.get("in") == "path" for p in operation.get("parameters", [])):
-        codes.add(404)
     body = operation.get("requestBody", {}).get("content", {})
+    if body or any(p.get("in") == "path" for p in operation.get("parameters", [])):
+        codes.add(404)  # the resource in the path, or one the body names, does not exist
     if body:
-        codes.add(413)
+        codes |= {400, 413}  # a body that does not parse; one over the size limits
     if "multipart/form-data" in body:
-        codes |= {400, 415}
+        codes.add(415)
     if level == "write":
         codes.add(409)
     if path.endswith("/thumbnail"):

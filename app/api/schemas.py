@@ -26,10 +26,10 @@ from app.services.search import Classification, Filters, Hit, SearchOutcome, Vot
 
 API = "/api/v1"
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-# Ids and list offsets are PostgreSQL `integer`s: larger values get a 422 from validation
+# Ids (positive) and list offsets are PostgreSQL `integer`s: other values get a 422 from validation
 # instead of an overflow in the database driver (a 500).
 MAX_INT = 2**31 - 1
-Id = Annotated[int, Path(le=MAX_INT)]
+Id = Annotated[int, Path(ge=1, le=MAX_INT)]
 ListOffset = Annotated[int, Query(ge=0, le=MAX_INT)]
 
 

@@ -115,7 +115,7 @@ def submit_import(
     session: SessionDep,
     settings: SettingsDep,
     queue: JobQueueDep,
-    gallery_id: Annotated[int, Form(le=MAX_INT)],
+    gallery_id: Annotated[int, Form(ge=1, le=MAX_INT)],
     archive: Annotated[UploadFile, File(description="A zip or tar (.tar, .tar.gz, ...) file.")],
     label_from_folder: Annotated[bool, Form()] = True,
     idempotency_key: IdempotencyKey = None,
