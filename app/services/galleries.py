@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.db.models import Gallery, Image, ImageEmbedding, IndexVersion, Model
 from app.index_store import IndexType, exact_search_ms
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.indexes import build_index
 from app.services.models import BUILTIN_MODEL, get_model
 from app.services.runtime import Runtime
 
@@ -243,6 +244,19 @@ def switch_index(
     kind = _index_type(index_type or gallery.index_type)
     params = gallery.index_params if index_params is None else index_params
     _check_index_params(kind, params, target.embedding_dim)
+    # Built before anything is written: settings that cannot be applied (within the documented
+    # ranges, e.g. more IVF lists than the data can train) fail here and nothing is committed.
+    # Outside the gallery lock, so uploads go on meanwhile; activation replays them.
+    try:
+        built = build_index(
+            session, gallery, model_id=target_model, index_type=kind.value, index_params=params
+        )
+    except (RuntimeError, ValueError) as error:
+        session.rollback()
+        raise Invalid(
+            f"a {kind.value} index with {params} cannot be built for gallery {gallery_id}: "
+            f"{error}; nothing was changed"
+        ) from error
     version = gallery.index_version + 1
     # The guarded update is the transaction's first write: it locks the gallery row against
     # concurrent uploads (which check the model in the same way) until the commit.
@@ -285,5 +299,5 @@ def switch_index(
     )
     session.commit()
     session.refresh(gallery)
-    runtime.indexes.refresh(gallery_id)
+    runtime.indexes.activate(gallery, built)
     return gallery

@@ -244,6 +244,21 @@ class IndexManager:
         with self._lock(gallery_id):
             self._refresh(gallery_id)
 
+    def activate(self, gallery: Gallery, index: GalleryIndex) -> None:
+        """Install `index`, built for the gallery's newly committed version (`switch_index`),
+        write its snapshot, then replay what changed while it was built."""
+        with self._lock(gallery.id):
+            self.unavailable.pop(gallery.id, None)
+            loaded = self._loaded.get(gallery.id)
+            if loaded is not None and loaded.model_id != gallery.model_id:
+                self.store.drop(gallery.id, loaded.model_id)
+            self.store.put(gallery.id, gallery.model_id, index)
+            self.store.save(
+                gallery.id, gallery.model_id, _meta(gallery.model_id, gallery.index_version)
+            )
+            self._loaded[gallery.id] = _Loaded(gallery.model_id, gallery.index_version, 0)
+            self._refresh(gallery.id)
+
     def forget(self, gallery_id: int) -> None:
         """Drop a deleted gallery's index from memory and disk."""
         with self._lock(gallery_id):

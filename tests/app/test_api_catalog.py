@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -253,3 +254,34 @@ def test_a_gallery_whose_stored_index_settings_fail_does_not_stop_the_service(
         found = restarted.post(f"{API}/galleries/{gid}/search", files=query)
         assert found.status_code == 200 and len(found.json()["results"]) == 3
         assert restarted.get("/readyz").json()["unavailable_galleries"] == {}
+
+
+def test_index_settings_that_fail_to_build_are_never_committed(
+    client: TestClient, gallery: int, monkeypatch: pytest.MonkeyPatch
+):
+    """The new index is built before the switch is committed: a build that fails (settings
+    within the documented ranges that still cannot be applied) is a 422, and the gallery keeps
+    its settings, version and searchable index."""
+    from app.index_store import GalleryIndex
+
+    upload = client.post(
+        f"{API}/galleries/{gallery}/images", files=[("files", ("a.png", png(0, 0)))]
+    )
+    assert upload.status_code == 201
+    before = client.get(f"{API}/galleries/{gallery}").json()
+    real_build = GalleryIndex.build.__func__
+
+    def failing_build(cls, dimension, index_type, *args, **kwargs):
+        if index_type.value == "hnsw":
+            raise RuntimeError("faiss could not allocate the graph")
+        return real_build(cls, dimension, index_type, *args, **kwargs)
+
+    monkeypatch.setattr(GalleryIndex, "build", classmethod(failing_build))
+    refused = client.patch(
+        f"{API}/galleries/{gallery}", json={"index_type": "hnsw", "index_params": {"m": 16}}
+    )
+    assert refused.status_code == 422 and "nothing was changed" in refused.json()["detail"]
+    after = client.get(f"{API}/galleries/{gallery}").json()
+    assert after == before
+    search = client.post(f"{API}/galleries/{gallery}/search", files={"image": ("q.png", png(0, 0))})
+    assert search.status_code == 200 and search.json()["results"][0]["score"] > 0.99
