@@ -263,6 +263,29 @@ def _reduce_by_strips(image: Image.Image, factor: int, mode: str) -> Image.Image
     return result
 
 
+def declared_pixels(data: bytes) -> int:
+    """The pixel count an upload's header declares, read without decoding (0 when it is not
+    an accepted image: decoding it then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning):
+        return 0
+    return width * height
+
+
+def check_request_pixels(files: list[bytes], max_request_pixels: int) -> None:
+    """413 when a request's images declare more pixels in total than the server decodes for
+    one request (each file's own limit is `open_upload`'s `max_pixels`)."""
+    total = sum(declared_pixels(data) for data in files)
+    if total > max_request_pixels:
+        raise ImageRejected(
+            f"the images of this request hold {total:,} pixels in total; at most "
+            f"{max_request_pixels:,} are decoded for one request: send fewer or smaller images",
+            413,
+        )
+
+
 def _bomb(what: str, max_pixels: int) -> ImageRejected:
     return ImageRejected(
         f"the image is too large ({what}); at most {max_pixels:,} pixels are accepted "

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, description="Decompression-bomb cap, below Pillow's default of 89.5 M pixels."
     )
+    max_request_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="Most pixels the images of one request may declare in total (413): ten "
+        "images at the largest accepted size.",
+    )
     decode_budget_pixels: int = Field(
         40_000_000,
         description="Most pixels the process decodes at once, summed over concurrent requests "

@@ -26,7 +26,12 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.db.models import Gallery, Image, ImageEmbedding, Model
 from app.embedder import BatchingEmbedder
-from app.imaging import ImageRejected, content_hash, open_upload, sniff_content_type
+from app.imaging import (
+    ImageRejected,
+    content_hash,
+    open_upload,
+    sniff_content_type,
+)
 from app.imaging import thumbnail_bytes as make_thumbnail
 from app.pipeline import prefetch
 from app.services.errors import Conflict, NotFound, ServiceError

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding
 from app.embedder import BatchingEmbedder
-from app.imaging import ImageRejected, open_upload
+from app.imaging import ImageRejected, check_request_pixels, open_upload
 from app.services.errors import Conflict, Invalid, ServiceError
 from app.services.galleries import get_gallery
 from app.services.images import get_image
@@ -78,6 +78,10 @@ def decode_queries(runtime: Runtime, files: Sequence[bytes], embedder: BatchingE
     and never held beside the next one); a bad image rejects the request (queries have no
     partial results)."""
     settings = runtime.settings
+    try:
+        check_request_pixels(list(files), settings.max_request_pixels)
+    except ImageRejected as error:
+        raise ServiceError(error.detail, error.status_code) from error
     prepared = []
     for number, data in enumerate(files, start=1):
         try:

@@ -123,3 +123,30 @@ def test_thumbnails_are_made_once_and_deleted_with_their_image(client: TestClien
     assert client.delete(f"{API}/images/{image['id']}").status_code == 204
     assert not cached[0].exists()
     assert client.get(image["thumbnail_url"]).status_code == 404
+
+
+def test_a_request_declaring_more_pixels_than_the_per_request_cap_is_413_before_decoding(
+    tmp_path: Path, model_root: Path
+):
+    """Headers are read first: eleven 40 MP images (over the default 400 M pixels) are refused
+    as a whole, in searches and uploads, without decoding any of them."""
+    from tests.app.test_imaging import png_header_only
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_root=model_root,
+        seed_builtin_model=False,
+        auto_api_key=False,
+        max_request_pixels=100_000_000,
+    )
+    headers_only = png_header_only(*HUGE)  # declares 40 MP, holds almost no pixel data
+    with TestClient(create_app(settings)) as client:
+        model = client.post(f"{API}/models", data={"name": "tiny", "path": "tiny"}).json()["id"]
+        gallery = client.post(f"{API}/galleries", json={"name": "g", "model_id": model}).json()
+        files = [("images", (f"{i}.png", headers_only)) for i in range(3)]
+        search = client.post(f"{API}/galleries/{gallery['id']}/search/batch", files=files)
+        assert search.status_code == 413 and "pixels in total" in search.json()["detail"]
+        uploads = [("files", (f"{i}.png", headers_only)) for i in range(3)]
+        upload = client.post(f"{API}/galleries/{gallery['id']}/images", files=uploads)
+        assert upload.status_code == 413 and "pixels in total" in upload.json()["detail"]
+        assert client.get(f"{API}/galleries/{gallery['id']}").json()["image_count"] == 0

@@ -17,6 +17,7 @@ from app.api.schemas import (
     UploadResponse,
     parse_metadata,
 )
+from app.imaging import ImageRejected, check_request_pixels
 from app.services import images as service
 from app.services.errors import Invalid, TooLarge
 
@@ -61,6 +62,10 @@ def upload_images(
     if len(files) > limit:
         raise TooLarge(f"{len(files)} files in one request; send at most {limit} per request")
     uploads, errors = _uploads(files, label, metadata, external_id)
+    try:
+        check_request_pixels([u.data for u in uploads], runtime.settings.max_request_pixels)
+    except ImageRejected as error:
+        raise TooLarge(error.detail) from error
     valid = [i for i in range(len(uploads)) if i not in errors]
     outcomes = service.add_images(runtime, session, gallery_id, [uploads[i] for i in valid])
     results = [
