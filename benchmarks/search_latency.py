@@ -131,14 +131,15 @@ def query_images(count: int) -> list[bytes]:
     return out
 
 
-def multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+def multipart(data: bytes, fields: dict[str, str], file_field: str = "image") -> tuple[bytes, str]:
+    """A multipart body: the text `fields`, then `data` as the JPEG file `file_field`."""
     boundary = "lookalike-benchmark-boundary"
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in fields.items()
     ]
     parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="q.jpg"\r\n'
         "Content-Type: image/jpeg\r\n\r\n".encode()
         + data
         + b"\r\n"

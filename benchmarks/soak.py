@@ -28,7 +28,6 @@ import http.client  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -49,11 +48,10 @@ from app.core.config import Settings  # noqa: E402
 from app.db.models import Image, ImageEmbedding  # noqa: E402
 from app.db.session import make_engine, make_session_factory  # noqa: E402
 from app.services.images import THUMBNAILS_FOLDER  # noqa: E402
-from benchmarks.search_latency import Server  # noqa: E402
+from benchmarks.search_latency import Server, multipart, percentiles  # noqa: E402
 from tests.conftest import draw_sample  # noqa: E402
 
 KEY = "soak-key"
-BOUNDARY = "lookalike-soak-boundary"
 
 
 def unique_picture(rng: random.Random) -> bytes:
@@ -66,21 +64,6 @@ def unique_picture(rng: random.Random) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def multipart(field: str, data: bytes, extra: dict[str, str] | None = None) -> tuple[bytes, str]:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in (extra or {}).items()
-    ]
-    parts.append(
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="x.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-    )
-    parts.append(f"--{BOUNDARY}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}"
 
 
 class Client:
@@ -111,16 +94,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {}
-    ms = sorted(s * 1000 for s in seconds)
-    return {
-        "p50_ms": round(statistics.median(ms), 1),
-        "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 1),
-    }
 
 
 def main() -> None:
@@ -167,7 +140,7 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> dict:
     for _ in range(args.seed_images):
         data = unique_picture(rng)
         status, body = setup.request(
-            "POST", f"/api/v1/galleries/{gallery}/images", multipart("files", data)
+            "POST", f"/api/v1/galleries/{gallery}/images", multipart(data, {}, "files")
         )
         assert status == 201, body
         acknowledged[json.loads(body)["results"][0]["image"]["id"]] = data
@@ -187,10 +160,10 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> dict:
             upload = local.random() < args.upload_share
             if upload:
                 data = unique_picture(local)
-                body = multipart("files", data, {"external_id": uuid.uuid4().hex})
+                body = multipart(data, {"external_id": uuid.uuid4().hex}, "files")
                 path = f"/api/v1/galleries/{gallery}/images"
             else:
-                body = multipart("image", local.choice(queries), {"k": "10"})
+                body = multipart(local.choice(queries), {"k": "10"})
                 path = f"/api/v1/galleries/{gallery}/search"
             started = time.perf_counter()
             status, payload = client.request("POST", path, body)
@@ -229,7 +202,7 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> dict:
         if status != 200:
             return f"image {image_id}: GET answered {status}"
         status, body = client.request(
-            "POST", f"/api/v1/galleries/{gallery}/search", multipart("image", data, {"k": "1"})
+            "POST", f"/api/v1/galleries/{gallery}/search", multipart(data, {"k": "1"})
         )
         hits = json.loads(body)["results"] if status == 200 else []
         if not hits or hits[0]["image_id"] != image_id:
@@ -273,8 +246,7 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> dict:
         "requests": requests,
         "requests_per_s": round(requests / elapsed, 1),
         "statuses": dict(sorted(statuses.items())),
-        "search": percentiles(latencies["search"]),
-        "upload": percentiles(latencies["upload"]),
+        **{kind: percentiles(times) for kind, times in latencies.items() if times},
         "counts": counts,
         "rss_mb": {
             "start": round(rss[0], 1),
