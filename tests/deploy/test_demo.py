@@ -80,6 +80,8 @@ def test_the_comparison_decides_the_reindex_and_prints_both_models(capsys) -> No
     assert show_comparison(train_result(0.332, 0.356)) is False
     assert "-0.024" in capsys.readouterr().out
     assert show_comparison({**train_result(0.3, 0.2), "baseline": None}) is True
+    assert show_comparison(train_result(0.360, 0.356)) is False  # +0.004: within the noise
+    assert "within the test split's noise" in capsys.readouterr().out
 
 
 class RecordingClient:
