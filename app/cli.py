@@ -271,7 +271,8 @@ def demo(
     """The whole product on this machine: IconThemes, the API with its workers on
     http://127.0.0.1:8000, a gallery of the test split, a training job on the train split,
     the trained and the built-in model compared on the test split, and the gallery re-indexed
-    with the trained model if it is better by more than noise (0.01 Recall@1). A second run reuses all of it. Ctrl-C stops."""
+    with the trained model if it is better by more than noise (0.01 Recall@1). A second run
+    reuses all of it. Ctrl-C stops."""
     from app.demo import demo_command
 
     demo_command(get_settings(), data, host, port, method, train_minutes, train)
