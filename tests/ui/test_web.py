@@ -128,6 +128,15 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     page = context.new_page()
     console_errors: list[str] = []
     page.on("pageerror", lambda error: console_errors.append(str(error)))
+    # The Content-Security-Policy blocks nothing the interface needs (a violation is logged).
+    page.on(
+        "console",
+        lambda message: (
+            console_errors.append(message.text)
+            if "Content Security Policy" in message.text
+            else None
+        ),
+    )
 
     # ------------------------------------------------------------ galleries: create (key asked)
     page.goto("/ui/#/galleries")
