@@ -9,7 +9,7 @@ probability --upload-share) or a search with a random query picture. Afterwards:
 - every acknowledged upload (201) is present, and searching with its own bytes finds it at
   rank 1;
 - image rows = stored embeddings = index entries = files on disk, for the gallery;
-- the server's RSS, sampled every 5 s, from start to end (growth) and its peak;
+- the server's RSS, sampled every 5 s, from start to end (growth), its peak and its course;
 - request counts by status (any 5xx is a failure), throughput, p50/p95 per kind, load average.
 
 Not part of CI (it takes the whole machine for --minutes):
@@ -253,6 +253,7 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> dict:
             "end": round(rss[-1], 1),
             "peak": round(max(rss), 1),
             "growth": round(rss[-1] - rss[0], 1),
+            "every_30_s": [round(value, 1) for value in rss[::6]],
         },
         "load_average": {"before": load_before, "after": load_after},
         "failures": failures,
