@@ -122,8 +122,10 @@ class DecodeBudget:
 # Modes Pillow's `Image.reduce` takes as they are (it premultiplies alpha itself).
 _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "CMYK"})
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})
-# Rows per band of `_reduce_by_strips` (rounded to the reduction factor).
-_BAND_ROWS = 256
+# Pixels per band of `_rgb_by_bands` (whole rows, a multiple of the reduction factor).
+_BAND_PIXELS = 1_000_000
+# Images up to this size are converted whole (Pillow's copies of 4 MP cost tens of MB).
+_WHOLE_IMAGE_PIXELS = 4_000_000
 # EXIF orientation -> the transpose that undoes it (what `ImageOps.exif_transpose` applies).
 _ORIENTATION_FIX = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -224,42 +226,46 @@ def open_upload(
 
 
 def _decode(image: Image.Image, min_side: int | None) -> tuple[Image.Image, bool]:
-    """Load, reduce towards `min_side` before anything is copied, orient, convert to RGB;
-    also whether the orientation swapped width and height."""
+    """Load, reduce towards `min_side` and convert to RGB band by band (no full-size copy but
+    the loaded image and the RGB result), orient; also whether the orientation swapped width
+    and height. Small images take Pillow's whole-image path (the same result, less work)."""
     if min_side is not None and image.format == "JPEG":
         image.draft("RGB", (min_side, min_side))
     image.load()
-    factor = min(image.size) // min_side if min_side else 1
+    factor = max(1, min(image.size) // min_side) if min_side else 1
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    if factor < 2:
-        return _to_rgb(ImageOps.exif_transpose(image)), orientation in _SWAPS_SIDES
+    swapped = orientation in _SWAPS_SIDES
+    if factor == 1 and image.width * image.height <= _WHOLE_IMAGE_PIXELS:
+        return _to_rgb(ImageOps.exif_transpose(image)), swapped
+    rgb = _rgb_by_bands(image, factor)
+    if orientation in _ORIENTATION_FIX:
+        rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
+    return rgb, swapped
+
+
+def _rgb_by_bands(image: Image.Image, factor: int) -> Image.Image:
+    """`_to_rgb(image)` box-reduced by `factor`, one band of rows at a time, so that neither a
+    conversion nor `reduce`'s premultiplied copy of an RGBA image exists at full size (a band's
+    height is a multiple of `factor`, so every box is the one a whole-image `reduce` averages;
+    `_to_rgb` works pixel by pixel, so converting bands gives the whole image's result)."""
     if image.mode in _WIDE_GREY_MODES:
         working_mode = "I"  # 16-bit grey: `_to_rgb` keeps its high byte
+    elif image.has_transparency_data:
+        working_mode = "RGBA"  # colour-key (tRNS) transparency too
     elif image.mode in _REDUCIBLE_MODES:
         working_mode = image.mode
     else:
-        working_mode = "RGBA" if image.has_transparency_data else "RGB"
-    reduced = _reduce_by_strips(image, factor, working_mode)
-    if orientation in _ORIENTATION_FIX:
-        reduced = reduced.transpose(_ORIENTATION_FIX[orientation])
-    return _to_rgb(reduced), orientation in _SWAPS_SIDES
-
-
-def _reduce_by_strips(image: Image.Image, factor: int, mode: str) -> Image.Image:
-    """`image.convert(mode).reduce(factor)`, one band of rows at a time, so that neither the
-    conversion nor `reduce`'s own premultiplied copy of an RGBA image exists at full size:
-    a decode costs the loaded image plus one band (a band's height is a multiple of `factor`,
-    so every box is the one a whole-image `reduce` would average)."""
+        working_mode = "RGB"
     width, height = image.size
-    band = factor * max(1, _BAND_ROWS // factor)
-    result: Image.Image | None = None
+    band = factor * max(1, _BAND_PIXELS // (width * factor))
+    result = Image.new("RGB", (-(-width // factor), -(-height // factor)))
     for top in range(0, height, band):
         piece = image.crop((0, top, width, min(top + band, height)))
-        small = (piece if piece.mode == mode else piece.convert(mode)).reduce(factor)
-        if result is None:
-            result = Image.new(small.mode, (-(-width // factor), -(-height // factor)))
-        result.paste(small, (0, top // factor))
-    assert result is not None  # an image has at least one row
+        if factor > 1:
+            piece = (piece if piece.mode == working_mode else piece.convert(working_mode)).reduce(
+                factor
+            )
+        result.paste(_to_rgb(piece), (0, top // factor))
     return result
 
 
@@ -269,9 +275,16 @@ def declared_pixels(data: bytes) -> int:
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return max_pixels_beyond_pillow()
+    except (OSError, SyntaxError, ValueError, EOFError):
         return 0
     return width * height
+
+
+def max_pixels_beyond_pillow() -> int:
+    """A pixel count above any cap: what a header beyond Pillow's own bomb limit declares."""
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 0) + 1
 
 
 def check_request_pixels(files: list[bytes], max_request_pixels: int) -> None:

@@ -31,16 +31,13 @@ from app.api.router import api_router
 from app.api.routes import health
 from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
-from app.services.errors import ServiceError
+from app.services.errors import RETRY_AFTER_S, ServiceError
 from app.services.images import sweep_orphan_files
 from app.services.models import ensure_builtin
 from app.services.runtime import Runtime, keep_files_private
 from app.web import install_web
 
 log = logging.getLogger("lookalike")
-
-# Seconds a client told to retry (503) should wait.
-RETRY_AFTER_S = 5
 
 
 def api_key_file(settings: Settings) -> Path:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+# Seconds a client told to come back (503, `Retry-After`) should wait.
+RETRY_AFTER_S = 5
+
 
 class ServiceError(Exception):
     """A request the service refuses; `message` says what is wrong and what to do."""

@@ -222,6 +222,16 @@ def missing_embeddings(session: Session, gallery_id: int, model_id: int) -> list
     )
 
 
+def _must_have_embeddings(session: Session, gallery_id: int, model_id: int) -> None:
+    missing = missing_embeddings(session, gallery_id, model_id)
+    if missing:
+        session.rollback()
+        raise Conflict(
+            f"{len(missing)} images of gallery {gallery_id} have no embedding by model "
+            f"{model_id} yet; embed them first"
+        )
+
+
 def switch_index(
     runtime: Runtime,
     session: Session,
@@ -244,6 +254,7 @@ def switch_index(
     kind = _index_type(index_type or gallery.index_type)
     params = gallery.index_params if index_params is None else index_params
     _check_index_params(kind, params, target.embedding_dim)
+    _must_have_embeddings(session, gallery_id, target_model)  # before the build; again below
     # Built before anything is written: settings that cannot be applied (within the documented
     # ranges, e.g. more IVF lists than the data can train) fail here and nothing is committed.
     # Outside the gallery lock, so uploads go on meanwhile; activation replays them.
@@ -274,13 +285,7 @@ def switch_index(
     if not switched:
         session.rollback()
         raise Conflict(f"gallery {gallery_id} was switched concurrently; retry")
-    missing = missing_embeddings(session, gallery_id, target_model)
-    if missing:
-        session.rollback()
-        raise Conflict(
-            f"{len(missing)} images of gallery {gallery_id} have no embedding by model "
-            f"{target_model} yet; embed them first"
-        )
+    _must_have_embeddings(session, gallery_id, target_model)
     size = session.scalar(
         select(func.count())
         .select_from(ImageEmbedding)

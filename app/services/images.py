@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,13 +116,13 @@ def thumbnail_path(settings: Settings, image: Image) -> Path:
     )
 
 
-def thumbnail(runtime: Runtime, image: Image) -> Path:
+def thumbnail(runtime: Runtime, image: Image) -> bytes:
     """The image's JPEG thumbnail, made on first request and cached on disk: an image is
     decoded (at a reduced size, within the decode budget) once, not on every view."""
     settings = runtime.settings
     path = thumbnail_path(settings, image)
-    if path.is_file():
-        return path
+    with suppress(FileNotFoundError):  # read, not just found: a delete may come in between
+        return path.read_bytes()
     original = image_path(settings, image)
     try:
         data = original.read_bytes()
@@ -138,9 +139,12 @@ def thumbnail(runtime: Runtime, image: Image) -> Path:
         raise ServiceError(error.detail, error.status_code) from error
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_bytes(make_thumbnail(picture, settings.thumbnail_size))
+    thumb = make_thumbnail(picture, settings.thumbnail_size)
+    temporary.write_bytes(thumb)
     os.replace(temporary, path)  # concurrent first views each write a whole file
-    return path
+    if not original.exists():  # deleted while it was made: leave no thumbnail behind
+        path.unlink(missing_ok=True)
+    return thumb
 
 
 def sweep_orphan_files(runtime: Runtime) -> int:
@@ -239,7 +243,10 @@ def add_images(
                 model = get_model(session, gallery.model_id)
                 embedder = embedder_for(runtime, model)
                 for item in pending:
-                    picture = _decode_for(runtime, embedder, item.upload.data)
+                    try:
+                        picture = _decode_for(runtime, embedder, item.upload.data)
+                    except ImageRejected as error:  # decoded once already: only busy (503)
+                        raise ServiceError(error.detail, error.status_code) from error
                     item.tensor = embedder.prepare([picture])[0]
             vectors = embedder.embed_sync([d.tensor for d in pending])
             written += _write_files(settings, gallery_id, [d for d in pending if not d.file_name])

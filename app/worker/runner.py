@@ -155,7 +155,7 @@ class JobRun:
         """Heartbeat thread and the job's log file for the duration of the body."""
         self.dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.dir / LOG_FILE)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(_NoTracebackFormatter(LOG_FORMAT))
         handler.setLevel(logging.INFO)
         root = logging.getLogger()
         root.addHandler(handler)
@@ -244,6 +244,20 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         ImageRejected,
         FloatingPointError,
     )
+
+
+class _NoTracebackFormatter(logging.Formatter):
+    """The job's log is served to every reader (`GET /jobs/{id}/logs`): it gets the message
+    of a failure, never its traceback (which can quote SQL and server paths); the worker's own
+    log keeps the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def without_server_paths(message: str, settings: Settings) -> str:

@@ -34,7 +34,7 @@ from app.core.config import Settings
 from app.db.models import Dataset, Model
 from app.db.models.jobs import DatasetKind
 from app.db.session import make_engine, make_session_factory
-from app.services.errors import Conflict
+from app.services.errors import Conflict, Invalid
 from app.services.jobs import (
     ARCHIVE_FILE,
     DatasetParams,
@@ -382,7 +382,7 @@ def _archive_files(
     total = None
     is_zip = zipfile.is_zipfile(archive)
     if is_zip:
-        with zipfile.ZipFile(archive) as bundle:
+        with _open_zip(archive) as bundle:
             names = [PurePosixPath(i.filename).name for i in bundle.infolist() if not i.is_dir()]
         total = sum(is_image_file(Path(name)) for name in names)
 
@@ -421,8 +421,20 @@ def _archive_files(
     return total, files()
 
 
+def _open_zip(archive: Path) -> zipfile.ZipFile:
+    """zipfile decodes every name when it opens the archive, strictly when the archive says
+    they are UTF-8: such an archive that lies cannot be read member by member."""
+    try:
+        return zipfile.ZipFile(archive)
+    except UnicodeDecodeError as error:
+        raise Invalid(
+            f"the zip archive flags its member names as UTF-8 but one is not ({error.reason}); "
+            "re-create it, or upload a tar archive"
+        ) from None
+
+
 def _zip_members(archive: Path) -> Iterator[tuple[str, IO[bytes] | str]]:
-    with zipfile.ZipFile(archive) as bundle:
+    with _open_zip(archive) as bundle:
         for info in bundle.infolist():
             if info.is_dir():
                 continue
@@ -457,6 +469,7 @@ def _tar_members(archive: Path, budget: _Budget) -> Iterator[tuple[str, IO[bytes
             handle = bundle.extractfile(member) if member.isfile() else None
             if handle is not None:
                 yield member.name, handle
+            bundle.members = []  # tarfile keeps every header it read: millions of tiny members
 
 
 def import_body(run: JobRun) -> dict[str, Any]:

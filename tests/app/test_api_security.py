@@ -455,3 +455,31 @@ def test_a_database_pool_timeout_is_a_503_with_retry_after_not_a_500(
         assert busy.status_code == 503 and busy.headers["retry-after"].isdigit(), busy.text
         assert "busy" in busy.json()["detail"]
         assert client.get(f"{API}/galleries").status_code == 200
+
+
+def test_bodies_fastapi_reads_as_json_obey_the_input_rules_and_nothing_answers_500(
+    client: TestClient, gallery: int
+):
+    """Every JSON media type FastAPI parses (`application/*+json`, any case) is checked; a body
+    nested thousands deep is refused, not a 500; a header declaring a Pillow-sized bomb is a
+    413 before anything is decoded."""
+    from tests.app.test_imaging import png_header_only
+
+    vector = ",".join(["0.25"] * 16)
+    for content_type in ("Application/JSON", "application/merge-patch+json"):
+        body = f'{{"vector": [{vector}], "metadata": {{"a": {10**23}}}}}'
+        response = client.post(
+            f"{API}/galleries/{gallery}/search/vector",
+            content=body,
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 422 and "64-bit" in response.text, response.text
+    deep = "[" * 5000 + "]" * 5000
+    for method, url in (("GET", f"{API}/models"), ("POST", f"{API}/galleries")):
+        response = client.request(
+            method, url, content=deep, headers={"content-type": "application/json"}
+        )
+        assert response.status_code < 500, (url, response.status_code)
+    bomb = png_header_only(20_000, 20_000)  # 400 M pixels: beyond Pillow's own limit
+    search = client.post(f"{API}/galleries/{gallery}/search", files={"image": ("b.png", bomb)})
+    assert search.status_code == 413, search.text

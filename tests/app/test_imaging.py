@@ -357,3 +357,28 @@ def test_a_decode_that_cannot_get_room_in_time_is_503():
         error = rejected(data, 503, "busy decoding", budget=budget)
     assert error.status_code == 503
     assert open_upload(data, max_pixels=MAX_PIXELS, budget=budget).size == (20, 20)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16"])
+def test_a_long_thin_image_is_converted_band_by_band_to_the_same_pixels(mode):
+    """A short side under twice the needed side leaves nothing to reduce: a large such image is
+    still converted in bands (no full-size RGBA or 16-bit copy), with the whole image's result."""
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 256, (900, 5000, 4), dtype=np.uint8)
+    source = Image.fromarray(array, "RGBA")
+    if mode == "P":
+        source = source.convert("RGB").quantize(64)
+    elif mode == "I;16":
+        source = Image.fromarray(array[..., 0].astype(np.uint16) * 257)
+    data = encode(source, "PNG")
+    whole = np.asarray(open_upload(data, max_pixels=MAX_PIXELS))
+    banded = np.asarray(open_upload(data, max_pixels=MAX_PIXELS, min_side=512))
+    assert banded.shape == (900, 5000, 3) and np.array_equal(banded, whole)
+
+
+def test_colour_key_transparency_survives_reduction():
+    grey = Image.new("L", (400, 400), 0)
+    data = encode(grey, "PNG", transparency=0)
+    full = open_upload(data, max_pixels=MAX_PIXELS)
+    reduced = open_upload(data, max_pixels=MAX_PIXELS, min_side=50)
+    assert full.getpixel((5, 5)) == reduced.getpixel((5, 5)) == (255, 255, 255)

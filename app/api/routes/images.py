@@ -19,7 +19,7 @@ from app.api.schemas import (
 )
 from app.imaging import ImageRejected, check_request_pixels
 from app.services import images as service
-from app.services.errors import Invalid, TooLarge
+from app.services.errors import RETRY_AFTER_S, Invalid, TooLarge
 
 router = APIRouter(tags=["images"])
 
@@ -81,7 +81,9 @@ def upload_images(
         code = status.HTTP_207_MULTI_STATUS
     else:
         code = next(r.status_code for r in results if r.status == "rejected")
-    return JSONResponse(body.model_dump(mode="json"), status_code=code)
+    # Every file refused because the server is busy decoding: come back later.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if code == 503 else None
+    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
 
 
 def _uploads(
@@ -137,13 +139,13 @@ def get_image_file(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Fi
 
 @router.get(
     "/images/{image_id}/thumbnail",
-    response_class=FileResponse,
+    response_class=Response,
     dependencies=[ReadAccess],
     responses={200: {"content": {"image/jpeg": {}}}},
 )
-def get_thumbnail(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
+def get_thumbnail(image_id: Id, runtime: RuntimeDep, session: SessionDep) -> Response:
     image = service.get_image(session, image_id)
-    return FileResponse(service.thumbnail(runtime, image), media_type="image/jpeg")
+    return Response(service.thumbnail(runtime, image), media_type="image/jpeg")
 
 
 @router.delete(
