@@ -283,7 +283,7 @@ def test_every_shipped_preset_is_a_valid_config_for_its_method():
     assert variant.frozen_bn and variant.epochs == base.epochs and variant.lr == base.lr
     assert (variant.method, variant.method_params, variant.embedding_dim) == (
         "diva",
-        {"rho": 0},
+        {"rho": 0, "alpha_ssl": 0.1, "alpha_shared": 0.1, "alpha_intra": 0.1},  # validation's
         32,
     )
 
