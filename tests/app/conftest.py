@@ -83,6 +83,19 @@ def worker_settings(root: Path, **overrides) -> Settings:
     return Settings(**{**defaults, **overrides})
 
 
+def make_client(tmp_path: Path, model_root: Path, **overrides) -> TestClient:
+    """A client of an app with its own data directory under `tmp_path` (keys off unless
+    `overrides` set them); use it as a context manager to run the app's start-up."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_root=model_root,
+        seed_builtin_model=False,
+        auto_api_key=False,
+        **overrides,
+    )
+    return TestClient(create_app(settings))
+
+
 @contextmanager
 def migrated_runtime(settings: Settings) -> Iterator[Runtime]:
     """A worker's `Runtime` on a freshly migrated database, closed afterwards."""

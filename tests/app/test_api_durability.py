@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.conftest import png
+from tests.app.conftest import make_client, png
 from tests.conftest import free_port
 
 API = "/api/v1"
@@ -127,19 +127,8 @@ def test_files_of_uploads_killed_before_their_commit_are_swept_at_start(
     """Files no image row names (an upload SIGKILLed between writing and committing) are
     deleted at the next start once older than the grace period, and counted in /readyz;
     stored images, their thumbnails and recent files (an upload in flight) are kept."""
-    from fastapi.testclient import TestClient
-
-    from app.core.config import Settings
-    from app.main import create_app
-
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_root=model_root,
-        seed_builtin_model=False,
-        auto_api_key=False,
-        orphan_grace_s=600,
-    )
-    with TestClient(create_app(settings)) as client:
+    with make_client(tmp_path, model_root, orphan_grace_s=600) as client:
+        settings = client.app.state.settings
         model = client.post("/api/v1/models", data={"name": "t", "path": "tiny"}).json()["id"]
         gallery = client.post("/api/v1/galleries", json={"name": "g", "model_id": model}).json()
         upload = client.post(
@@ -162,7 +151,7 @@ def test_files_of_uploads_killed_before_their_commit_are_swept_at_start(
         os.utime(path, (old, old))
     recent = folder / "in-flight.png"
     recent.write_bytes(b"x")
-    with TestClient(create_app(settings)) as client:
+    with make_client(tmp_path, model_root, orphan_grace_s=600) as client:
         assert client.get("/readyz").json()["orphan_files_removed"] == 3
         assert client.get(image["thumbnail_url"]).status_code == 200
     assert not any(path.exists() for path in stale)

@@ -11,9 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.config import Settings
-from app.main import create_app
-from tests.app.conftest import png
+from tests.app.conftest import make_client, png
 
 API = "/api/v1"
 # The bound docs/service.md states for the default decode budget (40 M pixels): decoding costs
@@ -57,15 +55,8 @@ def test_the_worst_concurrent_requests_stay_within_the_documented_peak_rss(
     """Unauthenticated batch searches of 40 MP PNGs (about 50 KB each) and first views of a
     40 MP image's thumbnail, all at once: decoding is reduced and shares one budget, so the
     process's peak RSS grows by less than the documented bound (it grew by gigabytes before)."""
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_root=model_root,
-        seed_builtin_model=False,
-        auto_api_key=False,
-        embed_max_wait_ms=1.0,
-        threads=1,
-    )
-    with TestClient(create_app(settings)) as client:
+    with make_client(tmp_path, model_root, embed_max_wait_ms=1.0, threads=1) as client:
+        settings = client.app.state.settings
         model = client.post(f"{API}/models", data={"name": "tiny", "path": "tiny"}).json()["id"]
         gallery = client.post(f"{API}/galleries", json={"name": "g", "model_id": model}).json()
         small = client.post(
@@ -128,19 +119,12 @@ def test_thumbnails_are_made_once_and_deleted_with_their_image(client: TestClien
 def test_a_request_declaring_more_pixels_than_the_per_request_cap_is_413_before_decoding(
     tmp_path: Path, model_root: Path
 ):
-    """Headers are read first: eleven 40 MP images (over the default 400 M pixels) are refused
-    as a whole, in searches and uploads, without decoding any of them."""
+    """Headers are read first: three 40 MP images (over a 100 M pixel cap) are refused as a
+    whole, in searches and uploads, without decoding any of them."""
     from tests.app.test_imaging import png_header_only
 
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_root=model_root,
-        seed_builtin_model=False,
-        auto_api_key=False,
-        max_request_pixels=100_000_000,
-    )
     headers_only = png_header_only(*HUGE)  # declares 40 MP, holds almost no pixel data
-    with TestClient(create_app(settings)) as client:
+    with make_client(tmp_path, model_root, max_request_pixels=100_000_000) as client:
         model = client.post(f"{API}/models", data={"name": "tiny", "path": "tiny"}).json()["id"]
         gallery = client.post(f"{API}/galleries", json={"name": "g", "model_id": model}).json()
         files = [("images", (f"{i}.png", headers_only)) for i in range(3)]

@@ -17,20 +17,9 @@ from PIL import Image
 from app.core.config import Settings
 from app.db.session import DB_POOL_EXTRA
 from app.main import create_app, describe_api_key, with_api_key
-from tests.app.conftest import png
+from tests.app.conftest import make_client, png
 
 API = "/api/v1"
-
-
-def make_client(tmp_path: Path, model_root: Path, **overrides) -> TestClient:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        model_root=model_root,
-        seed_builtin_model=False,
-        auto_api_key=False,
-        **overrides,
-    )
-    return TestClient(create_app(settings))
 
 
 def setup_gallery(client: TestClient, headers: dict | None = None) -> int:
