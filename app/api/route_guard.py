@@ -51,6 +51,13 @@ def route_table(app: FastAPI) -> list[RouteEntry]:
     return table
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: uvicorn's `--root-path` prefix (a proxy's mount point)
+    removed, as Starlette's router removes it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _literal_segments(template: str) -> int:
     return sum(not part.startswith("{") for part in template.split("/"))
 
@@ -86,7 +93,7 @@ class KeyBeforeBodyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = getattr(self.fastapi_app.state, "settings", None)
         if scope["type"] == "http" and settings is not None and settings.api_keys:
-            level = self.access_for(scope["method"], scope["path"])
+            level = self.access_for(scope["method"], route_path(scope))
             if level == "write" or (level == "read" and not settings.open_reads):
                 try:
                     check_key(settings, Headers(scope=scope).get(api_key_header.model.name))
@@ -113,7 +120,7 @@ class MethodNotAllowedMiddleware:
         if scope["type"] == "http":
             if self.table is None:
                 self.table = route_table(self.fastapi_app)
-            template, methods = allowed_methods(self.table, scope["path"])
+            template, methods = allowed_methods(self.table, route_path(scope))
             if template is not None and scope["method"] not in methods:
                 response = JSONResponse(
                     {"detail": f"{scope['method']} is not allowed on {template}"},

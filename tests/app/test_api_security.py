@@ -472,3 +472,21 @@ def test_bodies_fastapi_reads_as_json_obey_the_input_rules_and_nothing_answers_5
     bomb = png_header_only(20_000, 20_000)  # 400 M pixels: beyond Pillow's own limit
     search = client.post(f"{API}/galleries/{gallery}/search", files={"image": ("b.png", bomb)})
     assert search.status_code == 413, search.text
+
+
+def test_the_key_is_checked_before_the_body_behind_a_root_path(tmp_path: Path, model_root: Path):
+    """Behind a proxy mount (`uvicorn --root-path /lookalike`), paths arrive prefixed: the
+    early key check still matches the route."""
+    from app.api.route_guard import route_path
+
+    assert route_path({"path": "/lookalike/api/v1/jobs", "root_path": "/lookalike"}) == (
+        "/api/v1/jobs"
+    )
+    assert route_path({"path": "/api/v1/jobs", "root_path": ""}) == "/api/v1/jobs"
+    settings = Settings(
+        data_dir=tmp_path / "data", model_root=model_root, seed_builtin_model=False, api_keys=["k"]
+    )
+    with TestClient(create_app(settings), root_path="/lookalike") as client:
+        refused = client.post("/api/v1/galleries", json={"name": "g"})
+        assert refused.status_code == 401
+        assert client.put("/api/v1/galleries").headers["allow"] == "GET, POST"
