@@ -214,7 +214,7 @@ def add_images(
             results[position].error, results[position].status_code = problem, 422
             continue
         try:
-            picture = _decode_for(runtime, embedder, upload.data)
+            picture = decode_for_embedding(runtime, embedder, upload.data)
         except ImageRejected as error:
             results[position].error = error.detail
             results[position].status_code = error.status_code
@@ -244,7 +244,7 @@ def add_images(
                 embedder = embedder_for(runtime, model)
                 for item in pending:
                     try:
-                        picture = _decode_for(runtime, embedder, item.upload.data)
+                        picture = decode_for_embedding(runtime, embedder, item.upload.data)
                     except ImageRejected as error:  # decoded once already: only busy (503)
                         raise ServiceError(error.detail, error.status_code) from error
                     item.tensor = embedder.prepare([picture])[0]
@@ -296,8 +296,11 @@ def _text_problem(upload: Upload) -> str | None:
     return None
 
 
-def _decode_for(runtime: Runtime, embedder: BatchingEmbedder, data: bytes) -> PILImage.Image:
-    """An upload decoded at the size `embedder`'s preprocessing needs (`open_upload`)."""
+def decode_for_embedding(
+    runtime: Runtime, embedder: BatchingEmbedder, data: bytes
+) -> PILImage.Image:
+    """An uploaded file (an upload or a query) decoded at the size `embedder`'s
+    preprocessing needs, within the decode budget (`open_upload`; raises ImageRejected)."""
     return open_upload(
         data,
         max_pixels=runtime.settings.max_image_pixels,

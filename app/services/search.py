@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding
 from app.embedder import BatchingEmbedder
-from app.imaging import ImageRejected, check_request_pixels, open_upload
+from app.imaging import ImageRejected, check_request_pixels
 from app.services.errors import Conflict, Invalid, ServiceError
 from app.services.galleries import get_gallery
-from app.services.images import get_image
+from app.services.images import decode_for_embedding, get_image
 from app.services.indexes import vectors_from_rows
 from app.services.models import cluster_classifier, embedder_for
 from app.services.runtime import Runtime
@@ -77,21 +77,14 @@ def decode_queries(runtime: Runtime, files: Sequence[bytes], embedder: BatchingE
     (a 40-megapixel query is decoded at a reduced size, within the process's decode budget,
     and never held beside the next one); a bad image rejects the request (queries have no
     partial results)."""
-    settings = runtime.settings
     try:
-        check_request_pixels(list(files), settings.max_request_pixels)
+        check_request_pixels(list(files), runtime.settings.max_request_pixels)
     except ImageRejected as error:
         raise ServiceError(error.detail, error.status_code) from error
     prepared = []
     for number, data in enumerate(files, start=1):
         try:
-            picture = open_upload(
-                data,
-                max_pixels=settings.max_image_pixels,
-                max_bytes=settings.max_upload_bytes,
-                min_side=embedder.decode_side,
-                budget=runtime.decode_budget,
-            )
+            picture = decode_for_embedding(runtime, embedder, data)
         except ImageRejected as error:
             where = f"query image {number}: " if len(files) > 1 else ""
             raise ServiceError(where + error.detail, error.status_code) from error
