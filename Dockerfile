@@ -30,9 +30,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /srv/lookalike
 COPY pyproject.toml constraints.txt ./
-# The project's runtime requirements, read from pyproject.toml: this layer (the slow one) only
-# changes with pyproject.toml or constraints.txt, not with the source.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps))"
+# The project's runtime requirements, read from pyproject.toml, plus those of the extras named
+# in EXTRAS (comma-separated, e.g. `milvus`: docker-compose.milvus.yml sets it): this layer (the
+# slow one) only changes with pyproject.toml, constraints.txt or EXTRAS, not with the source.
+ARG EXTRAS=""
+RUN python -c "import tomllib, sys; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + [d for e in sys.argv[1].split(',') if e for d in p['optional-dependencies'][e]]; open('/tmp/requirements.txt', 'w').write('\n'.join(deps))" "${EXTRAS}"
 
 FROM builder AS build-cpu
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu

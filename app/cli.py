@@ -140,6 +140,12 @@ def serve_processes(
     from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE
 
     queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
+    milvus_server = None
+    if queues and settings.index_backend == "milvus" and "://" not in settings.milvus_location:
+        # Milvus Lite data is opened by one process: the API and the workers share one local
+        # Milvus Lite server instead.
+        milvus_server, uri = start_milvus_lite(Path(settings.milvus_location))
+        settings = settings.model_copy(update={"milvus_uri": uri})
     if not settings.cpu_sharers:  # the API and each worker get their share of the CPUs
         settings = settings.model_copy(update={"cpu_sharers": 1 + len(queues)})
     # This process loads torch and faiss below, the workers at their start: both with the
@@ -172,6 +178,49 @@ def serve_processes(
         server.should_exit = True
         thread.join(timeout=30)
         service.stop_workers()
+        if milvus_server is not None:
+            milvus_server.terminate()
+            milvus_server.wait(timeout=30)
+
+
+def start_milvus_lite(
+    data_dir: Path, port: int | None = None, start_timeout_s: float = 60.0
+) -> tuple[subprocess.Popen, str]:
+    """A Milvus Lite gRPC server over `data_dir` on a loopback port (default: a free one), and
+    its URI, once it accepts connections."""
+    import socket
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "milvus_lite",
+            "server",
+            "--data-dir",
+            str(data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + start_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Milvus Lite server over {data_dir} exited at start")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the Milvus Lite server over {data_dir} did not start")
 
 
 @cli.command()
@@ -199,6 +248,54 @@ def serve(
             for queue in service.restart_dead_workers():
                 typer.echo(f"the {queue} worker exited; started a new one", err=True)
         typer.echo("stopping")
+
+
+index_cli = typer.Typer(help="The service's gallery indexes.", no_args_is_help=True)
+cli.add_typer(index_cli, name="index")
+
+
+@index_cli.command("reconcile")
+def index_reconcile(
+    gallery: Annotated[
+        int | None, typer.Option(min=1, help="one gallery (default: every gallery)")
+    ] = None,
+) -> None:
+    """Make the index backend agree with the database (the source of truth): ids it lacks are
+    inserted from the stored embeddings, ids it has and the database lost are deleted, a
+    missing active version is rebuilt. Safe while the API runs."""
+    from sqlalchemy import select
+
+    from app.db.migrate import upgrade
+    from app.db.models import Gallery
+    from app.services.runtime import Runtime
+
+    settings = get_settings()
+    upgrade(settings)
+    runtime = Runtime.start(settings)
+    failed = 0
+    try:
+        with runtime.session_factory() as session:
+            ids = (
+                [gallery]
+                if gallery
+                else list(session.scalars(select(Gallery.id).order_by(Gallery.id)))
+            )
+        for gallery_id in ids:
+            try:
+                report = runtime.indexes.reconcile(gallery_id)
+            except Exception as error:  # one gallery's failure does not stop the others
+                failed += 1
+                typer.echo(f"gallery {gallery_id}: failed: {error}", err=True)
+                continue
+            if report is None:
+                typer.echo(f"gallery {gallery_id}: no such gallery", err=True)
+                failed += 1
+                continue
+            typer.echo(json.dumps({"backend": runtime.indexes.name, **report.as_dict()}))
+    finally:
+        runtime.close()
+    if failed:
+        raise typer.Exit(1)
 
 
 @cli.command()

@@ -49,7 +49,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -89,6 +89,41 @@ def set_search_threads(threads: int) -> None:
 def _apply_search_threads() -> None:
     if faiss.omp_get_max_threads() != _search_threads:
         faiss.omp_set_num_threads(_search_threads)  # per calling thread in OpenMP
+
+
+def rerank_exact(
+    queries: np.ndarray,
+    rows: list[list[tuple[int, float]]],
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+    want: int,
+) -> list[list[tuple[int, float]]]:
+    """The refine step of a compressed (IVF-PQ) search: each query's candidates scored again
+    with their exact vectors (`vectors_of(ids)`, one row per id, e.g. the stored embeddings)
+    and the best `want` kept. PQ distances are coarse; re-ranking a few times k candidates
+    restores most true neighbours (measured in docs/scaling.md, "Index quality")."""
+    unique = np.unique(np.asarray([i for row in rows for i, _ in row], dtype=np.int64))
+    if not unique.size:
+        return [[] for _ in rows]
+    exact = normalised(vectors_of(unique), queries.shape[1], "stored vectors")
+    unit = normalised(queries, queries.shape[1], "query vectors")
+    refined = []
+    for query, row in zip(unit, rows, strict=True):
+        ids = np.asarray([i for i, _ in row], dtype=np.int64)
+        scores = exact[np.searchsorted(unique, ids)] @ query
+        order = np.argsort(-scores, kind="stable")[:want]
+        refined.append([(int(ids[j]), float(scores[j])) for j in order])
+    return refined
+
+
+def recall_at(
+    exact: list[list[tuple[int, float]]], found: list[list[tuple[int, float]]], k: int = 10
+) -> float:
+    """Mean share of each query's exact top k that the approximate search also returned."""
+    shares = [
+        len({i for i, _ in truth[:k]} & {i for i, _ in hits[:k]}) / max(1, min(k, len(truth)))
+        for truth, hits in zip(exact, found, strict=True)
+    ]
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def exact_search_ms(
@@ -158,7 +193,7 @@ def _as_ids(ids: Iterable[int] | np.ndarray, what: str = "ids") -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def _normalised(vectors: np.ndarray, dimension: int, what: str) -> np.ndarray:
+def normalised(vectors: np.ndarray, dimension: int, what: str) -> np.ndarray:
     array = np.asarray(vectors, dtype=np.float32)
     if array.ndim == 1:
         array = array[None, :]
@@ -175,7 +210,7 @@ def _normalised(vectors: np.ndarray, dimension: int, what: str) -> np.ndarray:
     return array
 
 
-def _ivfpq_shape(dimension: int, count: int, params: dict[str, Any]) -> tuple[int, int]:
+def ivfpq_shape(dimension: int, count: int, params: dict[str, Any]) -> tuple[int, int]:
     """(nlist, m): nlist a power of two near 4 sqrt(N) with >= 39 points per list; m the largest
     divisor of d that is <= d/4 and <= 64 (about 4 dimensions per one-byte code)."""
     nlist = params.get("nlist")
@@ -284,7 +319,7 @@ class GalleryIndex:
         params = dict(params or {})
         ids = _as_ids(ids if ids is not None else [])
         vectors = (
-            _normalised(vectors, dimension, "vectors")
+            normalised(vectors, dimension, "vectors")
             if vectors is not None and len(vectors)
             else np.zeros((0, dimension), dtype=np.float32)
         )
@@ -343,7 +378,7 @@ class GalleryIndex:
         hits scoring below `min_score` are dropped. Paging is a re-search with k + offset."""
         if k < 0 or offset < 0:
             raise ValueError(f"k and offset must be >= 0, got k={k}, offset={offset}")
-        queries = _normalised(queries, self.dimension, "query vectors")
+        queries = normalised(queries, self.dimension, "query vectors")
         _apply_search_threads()
         allowed = None if allowed_ids is None else np.unique(_as_ids(allowed_ids, "allowed_ids"))
         with self._lock.read():
@@ -452,7 +487,7 @@ class GalleryIndex:
         the index (or was removed) gets the new vector. Costly only in that case for HNSW (a
         rebuild)."""
         ids = _as_ids(ids)
-        vectors = _normalised(vectors, self.dimension, "vectors") if len(ids) else None
+        vectors = normalised(vectors, self.dimension, "vectors") if len(ids) else None
         if vectors is None:
             return
         if len(ids) != len(vectors):
@@ -663,7 +698,7 @@ def _new_faiss_index(
         hnsw.hnsw.efConstruction = int(params["ef_construction"])
         hnsw.hnsw.efSearch = int(params["ef_search"])
         return faiss.IndexIDMap2(hnsw), params
-    nlist, m = _ivfpq_shape(dimension, len(train), params)
+    nlist, m = ivfpq_shape(dimension, len(train), params)
     quantizer = faiss.IndexFlatIP(dimension)  # the Python wrapper keeps it referenced
     index = faiss.IndexIVFPQ(quantizer, dimension, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     sample, most = train, max(256 * nlist, IVFPQ_MIN_TRAIN)  # 256 points per centroid suffice

@@ -87,7 +87,6 @@ def _start(app: FastAPI, settings: Settings) -> None:
     if settings.seed_builtin_model:
         with runtime.session_factory() as session:
             ensure_builtin(session, settings)
-    runtime.index_store.remove_stale_temp_files()
     orphans = sweep_orphan_files(runtime)
     if orphans:
         log.warning("deleted %d upload files that no image refers to (uploads cut short)", orphans)
@@ -96,9 +95,8 @@ def _start(app: FastAPI, settings: Settings) -> None:
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.session_factory = runtime.session_factory
-    app.state.index_store = runtime.index_store
     app.state.embedders = runtime.embedders
-    app.state.metrics.watch(runtime.index_store)
+    app.state.metrics.watch(runtime.indexes)
     count = runtime.indexes.load_all()
     app.state.indexes_loaded = True
     log.info("ready: %d gallery indexes loaded", count)

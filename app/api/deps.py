@@ -15,7 +15,6 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.embedder import EmbedderRegistry
-from app.index_store import IndexStore
 from app.services.runtime import Runtime
 
 
@@ -41,15 +40,10 @@ async def get_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def get_index_store(runtime: RuntimeDep) -> IndexStore:
-    return runtime.index_store
-
-
 async def get_embedders(runtime: RuntimeDep) -> EmbedderRegistry:
     return runtime.embedders
 
 
-IndexStoreDep = Annotated[IndexStore, Depends(get_index_store)]
 EmbeddersDep = Annotated[EmbedderRegistry, Depends(get_embedders)]
 
 api_key_header = APIKeyHeader(

@@ -11,12 +11,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.index_store import IndexStore
+from app.services.index_backend import IndexBackend
 
 
 class _IndexSizes(Collector):
-    def __init__(self, store: IndexStore) -> None:
-        self.store = store
+    def __init__(self, indexes: IndexBackend) -> None:
+        self.indexes = indexes
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
@@ -24,10 +24,8 @@ class _IndexSizes(Collector):
             "Live vectors in each loaded gallery index.",
             labels=["gallery_id", "model_id"],
         )
-        for gallery_id, model_id in self.store.keys():  # noqa: SIM118 (not a dict)
-            index = self.store.get(gallery_id, model_id)
-            if index is not None:
-                gauge.add_metric([str(gallery_id), str(model_id)], len(index))
+        for gallery_id, model_id, size in self.indexes.sizes():
+            gauge.add_metric([str(gallery_id), str(model_id)], size)
         yield gauge
 
 
@@ -53,8 +51,8 @@ class Metrics:
     def observe_batch(self, size: int) -> None:
         self.batch_sizes.observe(size)
 
-    def watch(self, store: IndexStore) -> None:
-        self.registry.register(_IndexSizes(store))
+    def watch(self, indexes: IndexBackend) -> None:
+        self.registry.register(_IndexSizes(indexes))
 
 
 class MetricsMiddleware:

@@ -20,9 +20,10 @@ from pydantic import (
 from app.api import input_rules
 from app.db.models import Image
 from app.index_store import IndexType
+from app.services.filters import Filters
 from app.services.galleries import GalleryInfo
 from app.services.images import UploadResult
-from app.services.search import Classification, Filters, Hit, SearchOutcome, Vote
+from app.services.search import Classification, Hit, SearchOutcome, Vote
 
 API = "/api/v1"
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -94,6 +95,11 @@ class GalleryOut(BaseModel):
     suggested_index_type: str | None = Field(
         description="An approximate index type, suggested once the gallery is large."
     )
+    index_recall_at_10: float | None = Field(
+        description="Recall@10 of the active index against exact search, measured on a sample "
+        "of the gallery's own vectors when the index was built (1 for flat; null: not measured, "
+        "e.g. built empty and grown by uploads)."
+    )
     created_at: Timestamp
 
     @classmethod
@@ -110,6 +116,7 @@ class GalleryOut(BaseModel):
             labelled_count=info.labelled_count,
             index_size=info.index_size,
             suggested_index_type=info.suggested_index_type,
+            index_recall_at_10=info.recall_at_10,
             created_at=g.created_at,
         )
 

@@ -88,6 +88,38 @@ class Settings(BaseSettings):
         1000, description="Index changes after which a gallery's FAISS snapshot is rewritten."
     )
 
+    # Index backend (docs/service.md, "Index backends").
+    index_backend: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="Where gallery vectors are indexed: faiss = in each API process's memory, "
+        "replayed from the database; milvus = a Milvus engine every replica shares (needs the "
+        "`milvus` extra).",
+    )
+    milvus_uri: str = Field(
+        "",
+        description="Milvus to use: a Milvus Lite data path such as ./var/milvus.db (one "
+        "process only), or http://host:19530 for a Milvus server; empty = DATA_DIR/milvus.db.",
+    )
+    milvus_token: str = Field(
+        "", description="Milvus credentials (user:password, or an API key); empty = none."
+    )
+    milvus_db_name: str = Field("", description="Milvus database; empty = the server's default.")
+    milvus_collection_prefix: str = Field(
+        "lookalike",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,100}$",
+        description="Prefix of this deployment's Milvus collections and aliases (several "
+        "deployments on one engine).",
+    )
+    milvus_timeout_s: float = Field(
+        10.0, gt=0, description="Each Milvus call gives up after this long (then 503)."
+    )
+    reconcile_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="How often the API reconciles galleries whose engine writes failed (the "
+        "engine was down) with the database; 0 = only at start and on demand.",
+    )
+
     # Compute.
     threads: int = Field(
         0,
@@ -177,6 +209,11 @@ class Settings(BaseSettings):
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
         return self
+
+    @property
+    def milvus_location(self) -> str:
+        """MILVUS_URI, or a Milvus Lite data path in the data directory."""
+        return self.milvus_uri or str((self.data_dir / "milvus.db").resolve())
 
     @property
     def uploads_dir(self) -> Path:

@@ -11,9 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding, IndexVersion, Model
-from app.index_store import IndexType, exact_search_ms
-from app.services.errors import Conflict, Invalid, NotFound
-from app.services.indexes import build_index
+from app.index_store import IndexType
+from app.services.errors import Conflict, Invalid, NotFound, ServiceError
 from app.services.models import BUILTIN_MODEL, get_model
 from app.services.runtime import Runtime
 
@@ -25,6 +24,8 @@ class GalleryInfo:
     labelled_count: int
     index_size: int  # vectors in the active index (counted in the database when not loaded)
     suggested_index_type: str | None  # an approximate type once the gallery outgrows "flat"
+    # Recall@10 of the active index against exact search, measured when it was built.
+    recall_at_10: float | None = None
 
 
 def get_gallery(session: Session, gallery_id: int) -> Gallery:
@@ -56,6 +57,8 @@ INDEX_PARAM_RANGES: dict[str, tuple[float, float]] = {
     "nlist": (1, 65536),
     "nprobe": (1, 65536),
     "compact_fraction": (0, 1),  # (0, 1]: not an integer
+    # IVF-PQ: candidates per wanted hit re-scored with the stored vectors (1 = no refine).
+    "refine_factor": (1, 64),
 }
 
 
@@ -153,8 +156,22 @@ def list_galleries(runtime: Runtime, session: Session) -> list[GalleryInfo]:
             .group_by(Image.gallery_id)
         ).all()
     )
+    recalls = dict(
+        session.execute(
+            select(IndexVersion.gallery_id, IndexVersion.recall_at_10)
+            .join(Gallery, Gallery.id == IndexVersion.gallery_id)
+            .where(IndexVersion.version == Gallery.index_version)
+        ).all()
+    )
     return [
-        _info(runtime, g, counts.get(g.id, 0), labelled.get(g.id, 0), vectors.get(g.id, 0))
+        _info(
+            runtime,
+            g,
+            counts.get(g.id, 0),
+            labelled.get(g.id, 0),
+            vectors.get(g.id, 0),
+            recalls.get(g.id),
+        )
         for g in galleries
     ]
 
@@ -174,30 +191,38 @@ def gallery_info(runtime: Runtime, session: Session, gallery_id: int) -> Gallery
         .join(Image, Image.id == ImageEmbedding.image_id)
         .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == gallery.model_id)
     )
-    return _info(runtime, gallery, count, labelled, vectors or 0)
+    recall = session.scalar(
+        select(IndexVersion.recall_at_10).where(
+            IndexVersion.gallery_id == gallery_id, IndexVersion.version == gallery.index_version
+        )
+    )
+    return _info(runtime, gallery, count, labelled, vectors or 0, recall)
 
 
 def _info(
-    runtime: Runtime, gallery: Gallery, count: int, labelled: int, vectors: int
+    runtime: Runtime,
+    gallery: Gallery,
+    count: int,
+    labelled: int,
+    vectors: int,
+    recall: float | None = None,
 ) -> GalleryInfo:
     """`vectors`: the gallery's stored embeddings by its active model, what its index holds once
     loaded and current; the loaded index's own size when it is current (a gallery created or
     changed since start-up is loaded by its next search)."""
-    index = runtime.index_store.get(gallery.id, gallery.model_id)
-    if index is not None and runtime.indexes.is_current(gallery):
-        vectors = len(index)
+    live = runtime.indexes.live_count(gallery)
+    if live is not None:
+        vectors = live
     suggestion = None
     if gallery.index_type == IndexType.flat:
         # By what an exact search costs (size x dimension, measured once the index is searched),
         # not by a count: 200k 128-d vectors cost what 20k 1280-d ones do.
-        cost_ms = (
-            index.estimated_exact_search_ms(count)
-            if index is not None
-            else exact_search_ms(count, gallery.model.embedding_dim)
-        )
+        cost_ms = runtime.indexes.estimated_exact_search_ms(gallery, count)
         if cost_ms > runtime.settings.exact_search_budget_ms:
             suggestion = IndexType.hnsw.value
-    return GalleryInfo(gallery, count, labelled, vectors, suggestion)
+    if gallery.index_type == IndexType.flat:
+        recall = 1.0  # exact by construction
+    return GalleryInfo(gallery, count, labelled, vectors, suggestion, recall)
 
 
 def delete_gallery(runtime: Runtime, session: Session, gallery_id: int) -> None:
@@ -243,8 +268,9 @@ def switch_index(
 ) -> Gallery:
     """Make a new index version the gallery's active one: another model (every image must
     already have an embedding by it: `images.embed_missing`), another index type or other
-    parameters. The index is built from the stored embeddings (nothing is re-embedded) and its
-    snapshot written; other processes load that snapshot when they see the new version.
+    parameters. The index is built from the stored embeddings (nothing is re-embedded) by the
+    index backend and made active after the commit (FAISS: its snapshot, which other processes
+    load when they see the new version; Milvus: a collection alias moved to it).
 
     Raises Conflict when images still lack embeddings by the new model (uploads that arrived
     meanwhile): embed those and call again."""
@@ -259,50 +285,59 @@ def switch_index(
     # ranges, e.g. more IVF lists than the data can train) fail here and nothing is committed.
     # Outside the gallery lock, so uploads go on meanwhile; activation replays them.
     try:
-        built = build_index(
+        built = runtime.indexes.build(
             session, gallery, model_id=target_model, index_type=kind.value, index_params=params
         )
+    except ServiceError:
+        session.rollback()
+        raise
     except (RuntimeError, ValueError) as error:
         session.rollback()
         raise Invalid(
             f"a {kind.value} index with {params} cannot be built for gallery {gallery_id}: "
             f"{error}; nothing was changed"
         ) from error
-    version = gallery.index_version + 1
-    # The guarded update is the transaction's first write: it locks the gallery row against
-    # concurrent uploads (which check the model in the same way) until the commit.
-    switched = session.execute(
-        update(Gallery)
-        .where(Gallery.id == gallery_id, Gallery.index_version == gallery.index_version)
-        .values(
-            model_id=target_model,
-            index_type=kind.value,
-            index_params=params,
-            index_version=version,
-            revision=Gallery.revision + 1,
+    try:
+        recall = runtime.indexes.measure_recall(session, gallery, built, target_model)
+        version = gallery.index_version + 1
+        # The guarded update is the transaction's first write: it locks the gallery row against
+        # concurrent uploads (which check the model in the same way) until the commit.
+        switched = session.execute(
+            update(Gallery)
+            .where(Gallery.id == gallery_id, Gallery.index_version == gallery.index_version)
+            .values(
+                model_id=target_model,
+                index_type=kind.value,
+                index_params=params,
+                index_version=version,
+                revision=Gallery.revision + 1,
+            )
+        ).rowcount
+        if not switched:
+            session.rollback()
+            raise Conflict(f"gallery {gallery_id} was switched concurrently; retry")
+        _must_have_embeddings(session, gallery_id, target_model)
+        size = session.scalar(
+            select(func.count())
+            .select_from(ImageEmbedding)
+            .join(Image, Image.id == ImageEmbedding.image_id)
+            .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == target_model)
         )
-    ).rowcount
-    if not switched:
-        session.rollback()
-        raise Conflict(f"gallery {gallery_id} was switched concurrently; retry")
-    _must_have_embeddings(session, gallery_id, target_model)
-    size = session.scalar(
-        select(func.count())
-        .select_from(ImageEmbedding)
-        .join(Image, Image.id == ImageEmbedding.image_id)
-        .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == target_model)
-    )
-    session.add(
-        IndexVersion(
-            gallery_id=gallery_id,
-            version=version,
-            model_id=target_model,
-            index_type=kind.value,
-            index_params=params,
-            size=size or 0,
+        session.add(
+            IndexVersion(
+                gallery_id=gallery_id,
+                version=version,
+                model_id=target_model,
+                index_type=kind.value,
+                index_params=params,
+                size=size or 0,
+                recall_at_10=recall,
+            )
         )
-    )
-    session.commit()
+        session.commit()
+    except BaseException:
+        runtime.indexes.discard(built)  # the switch did not happen: drop what was built
+        raise
     session.refresh(gallery)
     runtime.indexes.activate(gallery, built)
     return gallery

@@ -37,6 +37,7 @@ from app.imaging import thumbnail_bytes as make_thumbnail
 from app.pipeline import prefetch
 from app.services.errors import Conflict, NotFound, ServiceError
 from app.services.galleries import get_gallery, missing_embeddings
+from app.services.index_backend import IndexRows
 from app.services.models import embedder_for, get_model
 from app.services.runtime import Runtime
 
@@ -251,7 +252,7 @@ def add_images(
             vectors = embedder.embed_sync([d.tensor for d in pending])
             written += _write_files(settings, gallery_id, [d for d in pending if not d.file_name])
             try:
-                created = _commit(session, gallery, model, pending, vectors)
+                created = _commit(runtime, session, gallery, model, pending, vectors)
             except IntegrityError:  # the same content committed concurrently: a duplicate now
                 session.rollback()
                 pending = _resolve_duplicates(session, gallery_id, pending, results)
@@ -260,16 +261,11 @@ def add_images(
                 session.expire(gallery)
                 gallery = get_gallery(session, gallery_id)
                 continue
-            revision, images = created
+            revision, images, rows = created
             committed = {d.file_name for d in pending}
             for item, image in zip(pending, images, strict=True):
                 results[item.position].image = image
-            runtime.indexes.apply(
-                gallery_id,
-                model.id,
-                revision,
-                added=(np.array([i.id for i in images], dtype=np.int64), vectors),
-            )
+            runtime.indexes.apply(gallery_id, model.id, revision, added=rows)
             pending = []
         if pending:
             raise Conflict(f"gallery {gallery_id} keeps switching models; retry the upload")
@@ -367,10 +363,17 @@ def _write_files(settings: Settings, gallery_id: int, items: list[_Decoded]) -> 
 
 
 def _commit(
-    session: Session, gallery: Gallery, model: Model, items: list[_Decoded], vectors: np.ndarray
-) -> tuple[int, list[Image]] | None:
+    runtime: Runtime,
+    session: Session,
+    gallery: Gallery,
+    model: Model,
+    items: list[_Decoded],
+    vectors: np.ndarray,
+) -> tuple[int, list[Image], IndexRows] | None:
     """One transaction: bump the gallery's revision if it still uses `model` (the first write
-    locks the gallery row, so a concurrent switch waits), insert images and embeddings."""
+    locks the gallery row, so a concurrent switch waits), insert images and embeddings, hand
+    the rows to a shared index engine before the commit (`write_ahead`: if it fails, nothing is
+    stored, so an acknowledged upload is always searchable)."""
     revision = session.scalar(
         update(Gallery)
         .where(Gallery.id == gallery.id, Gallery.model_id == model.id)
@@ -402,8 +405,19 @@ def _commit(
         ImageEmbedding(image_id=image.id, model_id=model.id, vector=vector.tobytes())
         for image, vector in zip(images, np.asarray(vectors, dtype=np.float32), strict=True)
     )
+    rows = IndexRows(
+        np.array([image.id for image in images], dtype=np.int64),
+        np.asarray(vectors, dtype=np.float32),
+        [image.label for image in images],
+        [image.meta for image in images],
+    )
+    try:
+        runtime.indexes.write_ahead(gallery.id, model.id, rows)
+    except BaseException:
+        session.rollback()
+        raise
     session.commit()
-    return revision, images
+    return revision, images, rows
 
 
 def delete_image(runtime: Runtime, session: Session, image_id: int) -> None:

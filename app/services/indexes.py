@@ -1,4 +1,4 @@
-"""Keeps each gallery's in-memory FAISS index equal to what the database says.
+"""The `faiss` index backend: each gallery's in-memory FAISS index kept equal to the database.
 
 The database is the source of truth: `image_embeddings` holds every vector, the gallery row
 holds the active index version (model, index type) and a `revision` that every committed change
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +27,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Gallery, Image, ImageEmbedding, Model
-from app.index_store import GalleryIndex, IndexFileError, IndexStore, IndexType
+from app.index_store import (
+    GalleryIndex,
+    IndexFileError,
+    IndexStore,
+    IndexType,
+    exact_search_ms,
+    recall_at,
+    rerank_exact,
+)
 from app.services.errors import Conflict, ServiceError
+from app.services.filters import Filters, allowed_ids
+from app.services.index_backend import Hits, IndexRows, Reconciled
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,102 @@ def vectors_from_rows(rows: list[bytes], dimension: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, dimension), dtype=np.float32)
     return np.frombuffer(b"".join(rows), dtype=np.float32).reshape(len(rows), dimension)
+
+
+def stored_vectors(session: Session, model_id: int, ids: np.ndarray, dimension: int) -> np.ndarray:
+    """The stored embeddings by `model_id` of `ids` (sorted, unique), one row each in that
+    order; zeros for an id deleted meanwhile."""
+    out = np.zeros((len(ids), dimension), dtype=np.float32)
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        rows = session.execute(
+            select(ImageEmbedding.image_id, ImageEmbedding.vector).where(
+                ImageEmbedding.model_id == model_id,
+                ImageEmbedding.image_id.in_([int(i) for i in chunk]),
+            )
+        ).all()
+        if rows:
+            found = np.array([row.image_id for row in rows], dtype=np.int64)
+            out[np.searchsorted(ids, found)] = vectors_from_rows(
+                [r.vector for r in rows], dimension
+            )
+    return out
+
+
+def refined_search(
+    session: Session,
+    model_id: int,
+    index_type: IndexType,
+    params: dict,
+    search: Callable[[np.ndarray, int], Hits],
+    queries: np.ndarray,
+    want: int,
+) -> Hits:
+    """`search(queries, n)`, with IVF-PQ's refine step: `refine_factor` x `want` candidates
+    re-scored with their stored embeddings (`index_store.rerank_exact`)."""
+    factor = int(params.get("refine_factor", 1)) if index_type is IndexType.ivfpq else 1
+    if factor <= 1:
+        return search(queries, want)
+    candidates = search(queries, want * factor)
+    dimension = queries.shape[1]
+    return rerank_exact(
+        queries, candidates, lambda ids: stored_vectors(session, model_id, ids, dimension), want
+    )
+
+
+# Stored vectors used as queries when a built index's recall is measured.
+RECALL_SAMPLE = 100
+
+
+def sample_recall(
+    session: Session,
+    gallery_id: int,
+    model_id: int,
+    dimension: int,
+    search: Callable[[np.ndarray, int], Hits],
+    k: int = 10,
+) -> float | None:
+    """Recall@k of `search` against exact search, on up to `RECALL_SAMPLE` of the gallery's own
+    stored vectors as queries (the exact neighbours are computed over every stored embedding,
+    read in chunks); None for an empty gallery."""
+    ids = _stored_ids(session, gallery_id, model_id)
+    if not len(ids):
+        return None
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(ids, min(RECALL_SAMPLE, len(ids)), replace=False))
+    queries = stored_vectors(session, model_id, sample, dimension)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True).clip(min=1e-12)
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    best_scores = np.zeros((len(queries), 0), dtype=np.float32)
+    for start in range(0, len(ids), 10 * _CHUNK):
+        chunk = ids[start : start + 10 * _CHUNK]
+        vectors = stored_vectors(session, model_id, chunk, dimension)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+        candidates = np.concatenate(
+            [best_ids, np.broadcast_to(chunk, (len(queries), len(chunk)))], axis=1
+        )
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_ids = np.take_along_axis(candidates, top, axis=1)
+        best_scores = np.take_along_axis(scores, top, axis=1)
+    exact = [
+        [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True)]
+        for row_ids, row_scores in zip(best_ids, best_scores, strict=True)
+    ]
+    return round(recall_at(exact, search(queries, k), k), 4)
+
+
+def _stored_ids(session: Session, gallery_id: int, model_id: int) -> np.ndarray:
+    return np.unique(
+        np.asarray(
+            session.scalars(
+                select(ImageEmbedding.image_id)
+                .join(Image, Image.id == ImageEmbedding.image_id)
+                .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == model_id)
+            ).all(),
+            dtype=np.int64,
+        )
+    )
 
 
 def _meta(model_id: int, index_version: int) -> dict[str, int]:
@@ -66,6 +173,10 @@ class _Loaded:
 
 
 class IndexManager:
+    """The FAISS backend (`IndexBackend`): indexes in this process's memory, snapshots on disk."""
+
+    name = "faiss"
+
     def __init__(
         self, store: IndexStore, session_factory: sessionmaker[Session], snapshot_every: int
     ) -> None:
@@ -111,6 +222,7 @@ class IndexManager:
 
     def load_all(self) -> int:
         """Bring every gallery's index up to date (start-up); returns how many."""
+        self.store.remove_stale_temp_files()
         with self.session_factory() as session:
             ids = session.scalars(select(Gallery.id).order_by(Gallery.id)).all()
         for gallery_id in ids:
@@ -131,17 +243,15 @@ class IndexManager:
             503,
         )
 
-    def loaded_count(self) -> int:
-        return len(self._loaded)
-
-    def _refresh(self, gallery_id: int) -> None:
+    def _refresh(self, gallery_id: int) -> Reconciled | None:
         """Under the gallery's lock: load or build the active version, then replay the diff."""
         self.unavailable.pop(gallery_id, None)  # tried again: it may have been fixed
+        rebuilt = False
         with self.session_factory() as session:
             gallery = session.get(Gallery, gallery_id)
             if gallery is None:
                 self._forget(gallery_id)
-                return
+                return None
             revision = gallery.revision  # read before the diff: later changes leave a gap
             loaded = self._loaded.get(gallery_id)
             index = self.store.get(gallery.id, gallery.model_id)
@@ -153,17 +263,19 @@ class IndexManager:
             ):
                 if loaded is not None and loaded.model_id != gallery.model_id:
                     self.store.drop(gallery_id, loaded.model_id)
-                index = self._load_or_build(session, gallery)
+                index, rebuilt = self._load_or_build(session, gallery)
                 loaded = _Loaded(gallery.model_id, gallery.index_version, revision)
                 self._loaded[gallery_id] = loaded
-            added, removed = self._replay(session, gallery, index)
+            stored, added, removed = self._replay(session, gallery, index)
             loaded.revision = max(loaded.revision, revision)
             loaded.unsaved += added + removed
             if added or removed:
                 log.info("gallery %d: replayed %d added, %d removed", gallery_id, added, removed)
         self._maybe_snapshot(gallery_id)
+        return Reconciled(gallery_id, stored, len(index), added, removed, rebuilt)
 
-    def _load_or_build(self, session: Session, gallery: Gallery) -> GalleryIndex:
+    def _load_or_build(self, session: Session, gallery: Gallery) -> tuple[GalleryIndex, bool]:
+        """The active version's index from its snapshot, else built (True)."""
         try:
             meta = self.store.load(gallery.id, gallery.model_id)
         except IndexFileError as error:  # the database has everything: rebuild
@@ -172,15 +284,18 @@ class IndexManager:
         if meta is not None and meta.get("index_version") == gallery.index_version:
             index = self.store.get(gallery.id, gallery.model_id)
             assert index is not None
-            return index
+            return index, False
         index = build_index(session, gallery)
         self.store.put(gallery.id, gallery.model_id, index)
         self.store.save(
             gallery.id, gallery.model_id, _meta(gallery.model_id, gallery.index_version)
         )
-        return index
+        return index, True
 
-    def _replay(self, session: Session, gallery: Gallery, index: GalleryIndex) -> tuple[int, int]:
+    def _replay(
+        self, session: Session, gallery: Gallery, index: GalleryIndex
+    ) -> tuple[int, int, int]:
+        """(stored, added, removed): the index made equal to the stored embeddings."""
         stored = np.asarray(
             session.scalars(
                 select(ImageEmbedding.image_id)
@@ -204,7 +319,7 @@ class IndexManager:
             ).all()
             ids = np.array([row.image_id for row in rows], dtype=np.int64)
             index.add(ids, vectors_from_rows([row.vector for row in rows], index.dimension))
-        return len(missing), len(extra)
+        return len(stored), len(missing), len(extra)
 
     def apply(
         self,
@@ -212,7 +327,7 @@ class IndexManager:
         model_id: int,
         revision: int,
         *,
-        added: tuple[np.ndarray, np.ndarray] | None = None,
+        added: IndexRows | None = None,
         removed: np.ndarray | None = None,
     ) -> None:
         """Apply a change this process just committed as `revision` to the loaded index (if
@@ -223,8 +338,8 @@ class IndexManager:
             if loaded is None or loaded.model_id != model_id or index is None:
                 return  # not loaded here: the first search loads it from the database
             changes = 0
-            if added is not None and len(added[0]):
-                ids, vectors = added
+            if added is not None and len(added.ids):
+                ids, vectors = added.ids, added.vectors
                 new = ~np.isin(ids, index.ids())
                 if new.any():
                     index.add(ids[new], vectors[new])
@@ -243,6 +358,103 @@ class IndexManager:
         version this builds it from the stored embeddings and writes its snapshot."""
         with self._lock(gallery_id):
             self._refresh(gallery_id)
+
+    def reconcile(self, gallery_id: int) -> Reconciled | None:
+        """Replay the database into the gallery's index and rewrite its snapshot."""
+        with self._lock(gallery_id):
+            report = self._refresh(gallery_id)
+            if report is not None:
+                self._snapshot(gallery_id)
+        return report
+
+    def search(
+        self,
+        session: Session,
+        gallery: Gallery,
+        queries: np.ndarray,
+        k: int,
+        *,
+        offset: int = 0,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> Hits:
+        allowed = allowed_ids(session, gallery.id, filters) if filters else None
+        index = self.index_for(gallery)
+        if index.index_type is not IndexType.ivfpq:
+            return index.search(queries, k, offset=offset, allowed_ids=allowed, min_score=min_score)
+        rows = refined_search(
+            session,
+            gallery.model_id,
+            index.index_type,
+            index.params,
+            lambda q, n: index.search(q, n, allowed_ids=allowed),
+            queries,
+            k + offset,
+        )
+        return [
+            [(i, s) for i, s in row[offset : offset + k] if min_score is None or s >= min_score]
+            for row in rows
+        ]
+
+    def live_count(self, gallery: Gallery) -> int | None:
+        index = self.store.get(gallery.id, gallery.model_id)
+        return len(index) if index is not None and self.is_current(gallery) else None
+
+    def estimated_exact_search_ms(self, gallery: Gallery, count: int) -> float:
+        """Measured on the gallery's own searches once it is large enough, else estimated."""
+        index = self.store.get(gallery.id, gallery.model_id)
+        if index is not None:
+            return index.estimated_exact_search_ms(count)
+        return exact_search_ms(count, gallery.model.embedding_dim)
+
+    def write_ahead(self, gallery_id: int, model_id: int, rows: IndexRows) -> None:
+        """Nothing before the commit: this process's index takes the rows in `apply`, other
+        processes replay them from the database."""
+
+    def build(
+        self,
+        session: Session,
+        gallery: Gallery,
+        *,
+        model_id: int,
+        index_type: str,
+        index_params: dict,
+    ) -> GalleryIndex:
+        return build_index(
+            session, gallery, model_id=model_id, index_type=index_type, index_params=index_params
+        )
+
+    def measure_recall(
+        self, session: Session, gallery: Gallery, built: GalleryIndex, model_id: int
+    ) -> float | None:
+        if built.index_type is IndexType.flat:
+            return 1.0
+        return sample_recall(
+            session,
+            gallery.id,
+            model_id,
+            built.dimension,
+            lambda q, n: refined_search(
+                session, model_id, built.index_type, built.params, built.search, q, n
+            ),
+        )
+
+    def discard(self, built: GalleryIndex) -> None:
+        """A built index lives only in memory: nothing to clean up."""
+
+    def health(self) -> dict:
+        return {"backend": self.name, "ok": True, "indexes": len(self._loaded)}
+
+    def sizes(self) -> list[tuple[int, int, int]]:
+        sizes = []
+        for gallery_id, model_id in self.store.keys():  # noqa: SIM118 (not a dict)
+            index = self.store.get(gallery_id, model_id)
+            if index is not None:
+                sizes.append((gallery_id, model_id, len(index)))
+        return sizes
+
+    def close(self) -> None:
+        self.save_dirty()
 
     def activate(self, gallery: Gallery, index: GalleryIndex) -> None:
         """Install `index`, built for the gallery's newly committed version (`switch_index`),

@@ -15,8 +15,8 @@ from app.core.config import Settings
 from app.db.session import make_engine, make_session_factory
 from app.embedder import EmbedderRegistry
 from app.imaging import DecodeBudget
-from app.index_store import IndexStore, set_search_threads
-from app.services.indexes import IndexManager
+from app.index_store import set_search_threads
+from app.services.index_backend import IndexBackend, make_index_backend
 from training import threads
 from training.evaluation.cluster_classifier import ClusterClassifier
 
@@ -38,9 +38,8 @@ class Runtime:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
-    index_store: IndexStore
     embedders: EmbedderRegistry
-    indexes: IndexManager
+    indexes: IndexBackend
     decode_budget: DecodeBudget
     # Magnet cluster classifiers from model artifacts, by model id (None: the model has none).
     cluster_classifiers: dict[int, ClusterClassifier | None] = field(default_factory=dict)
@@ -63,7 +62,6 @@ class Runtime:
         set_search_threads(settings.faiss_search_threads)
         engine = make_engine(settings)
         session_factory = make_session_factory(engine)
-        index_store = IndexStore(settings.indexes_dir)
         embedders = EmbedderRegistry(
             device=settings.device,
             max_batch=settings.embed_batch_size,
@@ -72,14 +70,12 @@ class Runtime:
             backend=settings.embed_backend,
             on_batch=on_batch,
         )
-        indexes = IndexManager(index_store, session_factory, settings.snapshot_every)
+        indexes = make_index_backend(settings, session_factory)
         decode_budget = DecodeBudget(settings.decode_budget_pixels)
-        return cls(
-            settings, engine, session_factory, index_store, embedders, indexes, decode_budget
-        )
+        return cls(settings, engine, session_factory, embedders, indexes, decode_budget)
 
     def close(self) -> None:
-        """Snapshot indexes with unsaved changes, stop the embedders, release connections."""
-        self.indexes.save_dirty()
+        """Persist the indexes (FAISS snapshots), stop the embedders, release connections."""
+        self.indexes.close()
         self.embedders.close()
         self.engine.dispose()

@@ -1,8 +1,8 @@
 """Search a gallery by image, by a stored image, or by raw vector; classify by neighbours.
 
-Filters (labels, metadata equality) select the allowed image ids in the database first and the
-index searches only those (a FAISS IDSelector), so a filtered search still returns k hits when
-k exist. Paging is a re-search with k + offset; the exact index pages deterministically.
+Filters (labels, metadata equality) are applied by the index backend before ranking
+(app/services/filters.py), so a filtered search still returns k hits when k exist. Paging is a
+re-search with k + offset; the exact index pages deterministically.
 """
 
 from __future__ import annotations
@@ -10,36 +10,22 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, cast, func, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding
 from app.embedder import BatchingEmbedder
 from app.imaging import ImageRejected, check_request_pixels
 from app.services.errors import Conflict, Invalid, ServiceError
+from app.services.filters import Filters
 from app.services.galleries import get_gallery
 from app.services.images import decode_for_embedding, get_image
 from app.services.indexes import vectors_from_rows
 from app.services.models import cluster_classifier, embedder_for
 from app.services.runtime import Runtime
-
-MetadataValue = str | int | float | bool
-
-
-@dataclass
-class Filters:
-    """Which images may be returned: any of `labels` (when given), and every metadata key
-    equal to its value."""
-
-    labels: list[str] | None = None
-    metadata: dict[str, MetadataValue] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.labels) or bool(self.metadata)
 
 
 @dataclass
@@ -182,9 +168,9 @@ def _search(
             f"k + offset = {k + offset} is above the limit of {runtime.settings.max_k}; "
             "narrow the search with filters or a minimum score"
         )
-    allowed = allowed_ids(session, gallery.id, filters) if filters else None
-    index = runtime.indexes.index_for(gallery)
-    found = index.search(queries, k, offset=offset, allowed_ids=allowed, min_score=min_score)
+    found = runtime.indexes.search(
+        session, gallery, queries, k, offset=offset, filters=filters, min_score=min_score
+    )
     images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
     hits = [
         [Hit(images[image_id], score) for image_id, score in row if image_id in images]
@@ -200,30 +186,6 @@ def _images_by_id(session: Session, ids: set[int]) -> dict[int, Image]:
     return {image.id: image for image in session.scalars(select(Image).where(Image.id.in_(ids)))}
 
 
-def allowed_ids(session: Session, gallery_id: int, filters: Filters) -> np.ndarray:
-    query = select(Image.id).where(Image.gallery_id == gallery_id)
-    if filters.labels:
-        query = query.where(Image.label.in_(filters.labels))
-    dialect = session.get_bind().dialect.name
-    for key, value in filters.metadata.items():
-        query = query.where(_metadata_equals(dialect, key, value))
-    return np.asarray(session.scalars(query).all(), dtype=np.int64)
-
-
-def _metadata_equals(dialect: str, key: str, value: MetadataValue) -> ColumnElement[bool]:
-    """metadata[key] == value with JSON types respected (1 is not "1", true is not 1)."""
-    if dialect == "postgresql":
-        return cast(Image.meta, JSONB).contains({key: value})
-    path = f'$."{key}"'  # keys are restricted to [A-Za-z0-9_.-] by the API schema
-    kind = func.json_type(Image.meta, path)
-    extracted = func.json_extract(Image.meta, path)
-    if isinstance(value, bool):
-        return kind == ("true" if value else "false")
-    if isinstance(value, int | float):
-        return and_(kind.in_(("integer", "real")), extracted == value)
-    return and_(kind == "text", extracted == value)
-
-
 def classify(
     runtime: Runtime, session: Session, gallery_id: int, files: Sequence[bytes], *, k: int
 ) -> tuple[list[Classification], SearchOutcome]:
@@ -233,16 +195,14 @@ def classify(
     gallery = get_gallery(session, gallery_id)
     embedder = embedder_for(runtime, gallery.model)
     vectors = embedder.embed_sync(decode_queries(runtime, files, embedder))
-    labelled = np.asarray(
-        session.scalars(
-            select(Image.id).where(Image.gallery_id == gallery_id, Image.label.is_not(None))
-        ).all(),
-        dtype=np.int64,
+    labelled = session.scalar(
+        select(Image.id).where(Image.gallery_id == gallery_id, Image.label.is_not(None)).limit(1)
     )
-    if not len(labelled):
+    if labelled is None:
         raise Invalid(f"gallery {gallery_id} has no labelled images to vote; upload some labels")
-    index = runtime.indexes.index_for(gallery)
-    found = index.search(vectors, k, allowed_ids=labelled)
+    found = runtime.indexes.search(
+        session, gallery, vectors, k, filters=Filters(labelled_only=True)
+    )
     images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
     hits = [
         [Hit(images[image_id], score) for image_id, score in row if image_id in images]

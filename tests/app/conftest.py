@@ -4,6 +4,7 @@ on the local PostgreSQL), Settings and an HTTP client of the app."""
 from __future__ import annotations
 
 import io
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.cli import start_milvus_lite
 from app.core.config import Settings
 from app.db.migrate import upgrade
 from app.main import create_app
@@ -105,6 +107,44 @@ def migrated_runtime(settings: Settings) -> Iterator[Runtime]:
         yield started
     finally:
         started.close()
+
+
+def milvus_pass() -> bool:
+    """The suite's second pass runs the service tests on the milvus index backend."""
+    return os.environ.get("LOOKALIKE_INDEX_BACKEND") == "milvus"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """In the milvus pass: one Milvus Lite server (a real gRPC Milvus endpoint in its own
+    process) that every app, worker and server process of the session shares, as replicas do."""
+    if not milvus_pass() or os.environ.get("LOOKALIKE_MILVUS_URI"):
+        yield os.environ.get("LOOKALIKE_MILVUS_URI")
+        return
+    process, uri = start_milvus_lite(tmp_path_factory.mktemp("milvus") / "data")
+    os.environ["LOOKALIKE_MILVUS_URI"] = uri
+    try:
+        yield uri
+    finally:
+        del os.environ["LOOKALIKE_MILVUS_URI"]
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def milvus_collections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the milvus pass each test's collections get their own prefix (each test has its own
+    database, whose gallery ids start at 1 again)."""
+    if milvus_pass():
+        monkeypatch.setenv("LOOKALIKE_MILVUS_COLLECTION_PREFIX", f"t{uuid.uuid4().hex[:12]}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if milvus_pass():
+        skip = pytest.mark.skip(reason="FAISS-specific: not run in the milvus pass")
+        for item in items:
+            if item.get_closest_marker("faiss_only"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

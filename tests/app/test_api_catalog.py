@@ -262,21 +262,20 @@ def test_index_settings_that_fail_to_build_are_never_committed(
     """The new index is built before the switch is committed: a build that fails (settings
     within the documented ranges that still cannot be applied) is a 422, and the gallery keeps
     its settings, version and searchable index."""
-    from app.index_store import GalleryIndex
-
     upload = client.post(
         f"{API}/galleries/{gallery}/images", files=[("files", ("a.png", png(0, 0)))]
     )
     assert upload.status_code == 201
     before = client.get(f"{API}/galleries/{gallery}").json()
-    real_build = GalleryIndex.build.__func__
+    indexes = client.app.state.runtime.indexes  # type: ignore[attr-defined]
+    real_build = indexes.build
 
-    def failing_build(cls, dimension, index_type, *args, **kwargs):
-        if index_type.value == "hnsw":
-            raise RuntimeError("faiss could not allocate the graph")
-        return real_build(cls, dimension, index_type, *args, **kwargs)
+    def failing_build(session, gallery, *, index_type, **kwargs):
+        if index_type == "hnsw":
+            raise RuntimeError("the engine could not allocate the graph")
+        return real_build(session, gallery, index_type=index_type, **kwargs)
 
-    monkeypatch.setattr(GalleryIndex, "build", classmethod(failing_build))
+    monkeypatch.setattr(indexes, "build", failing_build)
     refused = client.patch(
         f"{API}/galleries/{gallery}", json={"index_type": "hnsw", "index_params": {"m": 16}}
     )

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core.config import Settings
+from app.db.models import Gallery
 from app.db.session import DB_POOL_EXTRA
 from app.main import create_app, describe_api_key, with_api_key
 from tests.app.conftest import make_client, png
@@ -35,8 +36,11 @@ def assert_nothing_stored(client: TestClient, gallery: int) -> None:
     assert client.get(f"{API}/galleries/{gallery}/images").json()["total"] == 0
     uploads = client.app.state.settings.uploads_dir
     assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
-    index = client.app.state.index_store.get(gallery, 1)
-    assert index is None or len(index) == 0
+    with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        stored = session.get(Gallery, gallery)
+        assert stored is not None
+        indexed = client.app.state.runtime.indexes.live_count(stored)  # type: ignore[attr-defined]
+    assert indexed is None or indexed == 0
 
 
 @pytest.fixture

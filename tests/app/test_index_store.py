@@ -12,6 +12,8 @@ import pytest
 import app.index_store as index_store
 from app.index_store import GalleryIndex, IndexFileError, IndexStore, IndexType
 
+pytestmark = pytest.mark.faiss_only  # GalleryIndex itself
+
 DIM = 16
 N = 1200
 

@@ -25,6 +25,14 @@ from app.core.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_MILVUS = ROOT / "docker-compose.milvus.yml"
+# The combinations the docs give: GPU, CPU-only, and each with Milvus as the index backend.
+VARIANTS = {
+    "gpu": (COMPOSE,),
+    "cpu": (COMPOSE, COMPOSE_CPU),
+    "gpu-milvus": (COMPOSE, COMPOSE_MILVUS),
+    "cpu-milvus": (COMPOSE, COMPOSE_CPU, COMPOSE_MILVUS),
+}
 DOCKERFILE = ROOT / "Dockerfile"
 API_PORT = 8000
 SCHEMA = "vendor.compose-spec"  # the Compose specification, vendored by check-jsonschema
@@ -130,7 +138,7 @@ def interpolated(text: str) -> set[str]:
 # --- schema ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU, COMPOSE_MILVUS], ids=lambda p: p.name)
 def test_compose_file_matches_the_compose_specification(path: Path) -> None:
     result = subprocess.run(
         [*CHECK_JSONSCHEMA, str(path)],
@@ -158,7 +166,7 @@ def test_the_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
 # --- services against the code ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU)], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("files", VARIANTS.values(), ids=VARIANTS.keys())
 def test_every_variable_is_a_setting_and_paths_match_the_volumes(
     files: tuple[Path, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,7 +200,7 @@ def test_every_variable_is_a_setting_and_paths_match_the_volumes(
 
 
 def test_compose_variables_are_documented_in_env_example() -> None:
-    text = COMPOSE.read_text() + COMPOSE_CPU.read_text()
+    text = COMPOSE.read_text() + COMPOSE_CPU.read_text() + COMPOSE_MILVUS.read_text()
     documented = {name for name, _, _ in settings_doc.COMPOSE_VARIABLES} | {"LOOKALIKE_API_KEYS"}
     assert interpolated(text) <= documented | settings_doc.env_names()
     example = (ROOT / ".env.example").read_text()
@@ -200,7 +208,7 @@ def test_compose_variables_are_documented_in_env_example() -> None:
         assert variable in example, variable
 
 
-@pytest.mark.parametrize("files", [(COMPOSE,), (COMPOSE, COMPOSE_CPU)], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("files", VARIANTS.values(), ids=VARIANTS.keys())
 def test_workers_parse_with_the_real_cli_and_serve_every_queue(files: tuple[Path, ...]) -> None:
     from app.worker import celery_app as worker_module
 
@@ -228,6 +236,44 @@ def test_workers_parse_with_the_real_cli_and_serve_every_queue(files: tuple[Path
             assert str(option(ctx, "pool")) == "solo", name
     assert workers >= 2
     assert served == set(worker_module.QUEUE_OF_TYPE.values())
+
+
+@pytest.mark.parametrize("variant", ["gpu-milvus", "cpu-milvus"])
+def test_the_milvus_override_points_every_index_writer_at_its_milvus(variant: str) -> None:
+    """The API and the index workers use the milvus backend on the compose network's Milvus
+    (the port its healthcheck and the official compose file use), with pymilvus in the image;
+    Milvus waits for healthy etcd and MinIO."""
+    import tomllib
+
+    compose = merged(*VARIANTS[variant])
+    services = compose["services"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("pymilvus") for d in extras["optional-dependencies"]["milvus"])
+    for name in ("api", "worker-cpu", "worker-gpu"):
+        if name not in services:
+            continue
+        service = services[name]
+        settings = Settings(
+            _env_file=None,
+            **{
+                key.removeprefix("LOOKALIKE_").lower(): value
+                for key, value in environment(service).items()
+                if key in ("LOOKALIKE_INDEX_BACKEND", "LOOKALIKE_MILVUS_URI")
+            },
+        )
+        assert settings.index_backend == "milvus", name
+        assert settings.milvus_location == "http://milvus:19530", name
+        assert service["build"]["args"]["EXTRAS"] == "milvus", name
+        assert service["depends_on"]["milvus"]["condition"] == "service_healthy", name
+    milvus = services["milvus"]
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert "localhost:9091/healthz" in " ".join(milvus["healthcheck"]["test"])
+    assert environment(milvus)["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert environment(milvus)["MINIO_ADDRESS"] == "minio:9000"
+    assert set(milvus["depends_on"]) == {"etcd", "minio"}
+    for engine in ("milvus", "etcd", "minio"):
+        assert "ports" not in services[engine], f"{engine} must not be published"
+    assert "EXTRAS" in DOCKERFILE.read_text() and "optional-dependencies" in DOCKERFILE.read_text()
 
 
 def test_gpu_worker_reserves_a_gpu_and_the_cpu_variant_does_not() -> None:
@@ -293,7 +339,7 @@ def test_prestart_accepts_its_compose_arguments(tmp_path: Path) -> None:
 
 
 def test_depends_on_conditions_point_at_services_with_healthchecks() -> None:
-    for files in [(COMPOSE,), (COMPOSE, COMPOSE_CPU)]:
+    for files in VARIANTS.values():
         compose = merged(*files)
         services = compose["services"]
         for name, service in services.items():

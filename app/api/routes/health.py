@@ -20,7 +20,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request) -> JSONResponse:
-    """200 once the database answers and every gallery index is loaded; 503 before that."""
+    """200 once the database and the index backend answer and every gallery index is loaded;
+    503 before that."""
     state = request.app.state
     if not state.indexes_loaded:
         return JSONResponse({"status": "starting", "indexes_loaded": False}, status_code=503)
@@ -31,11 +32,15 @@ def readyz(request: Request) -> JSONResponse:
         database = "ok"
     except Exception as error:  # any driver error means not ready
         database = f"unreachable: {type(error).__name__}"
+    index_backend = runtime.indexes.health()
+    ready = database == "ok" and index_backend["ok"]
     body = {
-        "status": "ready" if database == "ok" else "not ready",
+        "status": "ready" if ready else "not ready",
         "database": database,
         "indexes_loaded": True,
-        "indexes": runtime.indexes.loaded_count(),
+        # faiss: the indexes this process holds; milvus: whether the engine answers, and the
+        # galleries whose writes failed and wait for a reconcile.
+        "index_backend": index_backend,
         # Upload files without an image row (uploads killed before their commit), deleted at
         # this start.
         "orphan_files_removed": state.orphans_removed,
@@ -43,7 +48,7 @@ def readyz(request: Request) -> JSONResponse:
         # them, their searches answer 503 with the same reason.
         "unavailable_galleries": {str(k): v for k, v in runtime.indexes.unavailable.items()},
     }
-    return JSONResponse(body, status_code=200 if database == "ok" else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=Response, dependencies=[MetricsAccess])
