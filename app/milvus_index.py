@@ -34,9 +34,11 @@ import numpy as np
 from app.index_store import (
     DEFAULT_EF_CONSTRUCTION,
     DEFAULT_EF_SEARCH,
+    DEFAULT_REFINE_FACTOR,
     HNSW_M,
     IVFPQ_MIN_TRAIN,
     IndexType,
+    default_nprobe,
     ivfpq_shape,
     normalised,
 )
@@ -110,8 +112,9 @@ def resolved_index(
     elif index_type is IndexType.ivfpq:
         nlist, m = ivfpq_shape(dimension, count, params)
         params.update(nlist=nlist, m=m)
-        params.setdefault("nprobe", int(min(64, max(1, nlist // 8))))
-        integers = ("nlist", "m", "nprobe")
+        params.setdefault("nprobe", default_nprobe(nlist))
+        params.setdefault("refine_factor", DEFAULT_REFINE_FACTOR)
+        integers = ("nlist", "m", "nprobe", "refine_factor")
     else:
         integers = ()
     for key in integers:  # settings stored by hand or by an older version: fail at build
