@@ -1,5 +1,6 @@
 """The two index backends through the API: search latency and upload throughput, faiss against
-milvus (Milvus Lite in the API's process, the embedded Milvus), on the same gallery.
+milvus, on the same gallery. Milvus runs as Milvus Lite twice: inside the API's process (the
+embedded Milvus: `milvus`) and as its own server process reached over gRPC (`milvus-server`).
 
 Setup per size: one app per backend, each with its own SQLite database and a 128-d model with
 random weights (the vectors' content does not change a search's cost). The gallery is filled
@@ -10,7 +11,8 @@ see the same background load:
 
 - search: POST /search/vector with k=10, flat index, --queries queries: p50 / p95 ms;
 - upload: POST /images with --batch small PNGs per request, --uploads requests: images/s (the
-  embedding of these 32 px images is cheap, so the index write shows).
+  embedding of these 32 px images is cheap, so the index write shows); after each, a search by
+  the first uploaded image (not timed) checks that the next request finds it.
 
     python benchmarks/index_backends.py --sizes 10000 100000 --json runs/index_backends.json
 """
@@ -33,6 +35,7 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import insert
 
+from app.cli import start_milvus_lite
 from app.core.config import Settings
 from app.db.models import Image, ImageEmbedding
 from app.main import create_app
@@ -41,7 +44,9 @@ from training.models.embedding import EmbeddingModel, ModelSpec
 
 API = "/api/v1"
 DIM = 128
-BACKENDS = ("faiss", "milvus")
+# faiss; Milvus Lite inside the API process (LOOKALIKE_MILVUS_URI=<file>.db, the embedded
+# Milvus); Milvus Lite as its own server process over gRPC, as a deployed Milvus is reached.
+BACKENDS = ("faiss", "milvus", "milvus-server")
 
 
 def write_model(directory: Path) -> None:
@@ -128,13 +133,17 @@ def run(size: int, queries: int, uploads: int, batch: int, root: Path) -> dict:
         clients, galleries = {}, {}
         for backend in BACKENDS:
             data = root / f"{backend}-{size}"
+            uri = str(data / "milvus.db")
+            if backend == "milvus-server":
+                server, uri = start_milvus_lite(data / "milvus-server")
+                stack.callback(server.kill)
             settings = Settings(
                 data_dir=data,
                 model_root=model_root,
                 seed_builtin_model=False,
                 auto_api_key=False,
-                index_backend=backend,
-                milvus_uri=str(data / "milvus.db"),
+                index_backend="faiss" if backend == "faiss" else "milvus",
+                milvus_uri=uri,
                 threads=1,
                 embed_max_wait_ms=0.0,
             )
@@ -153,6 +162,7 @@ def run(size: int, queries: int, uploads: int, batch: int, root: Path) -> dict:
                 latency[backend].append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 200, response.text
         upload_s = {backend: 0.0 for backend in BACKENDS}
+        visible = {backend: 0 for backend in BACKENDS}
         for number in range(uploads):
             files = [
                 ("files", (f"{j}.png", png(number * batch + j), "image/png")) for j in range(batch)
@@ -165,6 +175,15 @@ def run(size: int, queries: int, uploads: int, batch: int, root: Path) -> dict:
                 )
                 upload_s[backend] += time.perf_counter() - started
                 assert response.status_code == 201, response.text
+                # Read-your-write: the next request finds the acknowledged image (not timed).
+                first = response.json()["results"][0]["image"]["id"]
+                probe = clients[backend].post(
+                    f"{API}/galleries/{galleries[backend]}/search",
+                    files={"image": ("q.png", png(number * batch), "image/png")},
+                    data={"k": 1},
+                )
+                assert probe.status_code == 200, probe.text
+                visible[backend] += int(probe.json()["results"][0]["image_id"] == first)
         for backend in BACKENDS:
             ordered = sorted(latency[backend])
             results[f"{backend}_search_p50_ms"] = round(statistics.median(ordered), 2)
@@ -172,6 +191,7 @@ def run(size: int, queries: int, uploads: int, batch: int, root: Path) -> dict:
             results[f"{backend}_upload_images_per_s"] = round(
                 uploads * batch / upload_s[backend], 1
             )
+            results[f"{backend}_found_by_next_request"] = f"{visible[backend]}/{uploads}"
     results["loadavg_end"] = os.getloadavg()[0]
     return results
 

@@ -524,22 +524,28 @@ class MilvusIndexManager:
         """Start-up: reconcile every gallery, drop collections of deleted galleries, then keep
         reconciling galleries with failed writes in the background."""
         started = time.perf_counter()
-        with self.session_factory() as session:
-            ids = list(session.scalars(select(Gallery.id).order_by(Gallery.id)))
-        totals = {"galleries": len(ids), "inserted": 0, "deleted": 0, "rebuilt": 0}
         try:
             self.store.ping()
-            for gallery_id in set(
-                info.gallery_id for info in self.store.collections().values()
-            ) - set(ids):
-                self._drop_gallery(gallery_id)
+            # Listed before the galleries are read: a gallery another replica creates meanwhile
+            # gets its collection after this list, so it is never taken for a deleted one.
+            in_engine = {info.gallery_id for info in self.store.collections().values()}
         except (EngineUnavailable, EngineError) as error:
             log.error(
                 "Milvus is not answering at start (%s); galleries are reconciled when it does",
                 error,
             )
+            in_engine = None
+        with self.session_factory() as session:
+            ids = list(session.scalars(select(Gallery.id).order_by(Gallery.id)))
+        totals = {"galleries": len(ids), "inserted": 0, "deleted": 0, "rebuilt": 0}
+        if in_engine is None:
             self.pending.update(ids)
             ids = []
+        for gallery_id in sorted((in_engine or set()) - set(ids)):
+            try:
+                self._drop_gallery(gallery_id)  # deleted while this process was not running
+            except (EngineUnavailable, EngineError) as error:
+                log.warning("gallery %d's collections not dropped (%s)", gallery_id, error)
         for gallery_id in ids:
             try:
                 report = self.reconcile(gallery_id)
