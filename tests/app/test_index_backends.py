@@ -354,3 +354,23 @@ def test_ivfpq_refines_with_stored_vectors_and_reports_its_recall(
             assert 0 < recalls[1] < recalls[16] <= 1.0
         else:  # Milvus Lite 3.2 accepts IVF_PQ but searches exactly (it builds no PQ index)
             assert 0 < recalls[1] <= recalls[16] <= 1.0
+
+
+def test_milvus_switch_moves_the_alias_and_delete_drops_the_collections(
+    tmp_path: Path, model_root: Path
+):
+    uri = str(tmp_path / "milvus.db")
+    with make_client(tmp_path, model_root, index_backend="milvus", milvus_uri=uri) as client:
+        gallery, labels = fill(client, 4)
+        store = client.app.state.runtime.indexes.store  # type: ignore[attr-defined]
+        (first,) = store.collections()
+        assert store.alias_target(gallery) == first
+        patched = client.patch(f"{API}/galleries/{gallery}", json={"index_type": "hnsw"})
+        assert patched.status_code == 200, patched.text
+        (second,) = store.collections()  # the old version's collection is gone
+        assert second != first and store.collections()[second].version == 2
+        assert store.alias_target(gallery) == second
+        hits = vector_search(client, gallery, np.ones((1, 16), np.float32))[0]
+        assert sorted(hit["image_id"] for hit in hits) == sorted(labels)
+        assert client.delete(f"{API}/galleries/{gallery}").status_code == 204
+        assert store.collections() == {} and store.alias_target(gallery) is None
