@@ -14,7 +14,6 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.embedder import EmbedderRegistry
 from app.services.runtime import Runtime
 
 
@@ -39,12 +38,6 @@ async def get_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
-
-async def get_embedders(runtime: RuntimeDep) -> EmbedderRegistry:
-    return runtime.embedders
-
-
-EmbeddersDep = Annotated[EmbedderRegistry, Depends(get_embedders)]
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",

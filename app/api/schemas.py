@@ -20,7 +20,7 @@ from pydantic import (
 from app.api import input_rules
 from app.db.models import Image
 from app.index_store import IndexType
-from app.services.filters import Filters
+from app.services.filters import Filters, MetadataValue
 from app.services.galleries import GalleryInfo
 from app.services.images import UploadResult
 from app.services.search import Classification, Hit, SearchOutcome, Vote
@@ -41,7 +41,6 @@ def _as_utc(value: datetime) -> datetime:
 
 Timestamp = Annotated[datetime, AfterValidator(_as_utc)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-MetadataValue = str | int | float | bool
 
 
 class ModelOut(BaseModel):
