@@ -13,6 +13,7 @@ volume, harmless. docs/service.md, "Index backends", has the mapping and the gua
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +21,9 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Gallery
+from app.services.errors import ServiceError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -59,6 +63,20 @@ class Reconciled:
 
 
 Hits = list[list[tuple[int, float]]]  # per query: (image id, cosine score), best first
+
+
+def cannot_build(unavailable: dict[int, str], gallery_id: int, error: Exception) -> ServiceError:
+    """A gallery whose stored index settings the engine cannot apply (written by an older
+    version, or by hand): recorded in `unavailable` (for /readyz) and answered with 503 and
+    the way out, the same in both backends."""
+    reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    unavailable[gallery_id] = reason
+    log.error("gallery %d's index cannot be built: %s", gallery_id, reason)
+    return ServiceError(
+        f"gallery {gallery_id}'s index cannot be built from its stored settings ({reason}); "
+        "PATCH the gallery's index_type or index_params to fix it",
+        503,
+    )
 
 
 class IndexBackend(Protocol):

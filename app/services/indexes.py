@@ -38,7 +38,7 @@ from app.index_store import (
 )
 from app.services.errors import Conflict, ServiceError
 from app.services.filters import Filters, allowed_ids
-from app.services.index_backend import Hits, IndexRows, Reconciled
+from app.services.index_backend import Hits, IndexRows, Reconciled, cannot_build
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +234,7 @@ class IndexManager:
         return len(ids) - len(self.unavailable)
 
     def _unavailable(self, gallery_id: int, error: Exception) -> ServiceError:
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        self.unavailable[gallery_id] = reason
-        log.error("gallery %d's index cannot be built: %s", gallery_id, reason)
-        return ServiceError(
-            f"gallery {gallery_id}'s index cannot be built from its stored settings ({reason}); "
-            "PATCH the gallery's index_type or index_params to fix it",
-            503,
-        )
+        return cannot_build(self.unavailable, gallery_id, error)
 
     def _refresh(self, gallery_id: int) -> Reconciled | None:
         """Under the gallery's lock: load or build the active version, then replay the diff."""

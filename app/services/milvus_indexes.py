@@ -45,7 +45,7 @@ from app.milvus_index import (
 )
 from app.services.errors import Conflict, ServiceError
 from app.services.filters import Filters, metadata_matches
-from app.services.index_backend import Hits, IndexRows, Reconciled
+from app.services.index_backend import Hits, IndexRows, Reconciled, cannot_build
 from app.services.indexes import (
     _stored_ids,
     refined_search,
@@ -104,15 +104,7 @@ class MilvusIndexManager:
         return ServiceError(f"the vector engine cannot serve this request: {error}", 503)
 
     def _cannot_build(self, gallery_id: int, error: Exception) -> ServiceError:
-        """Stored index settings this engine cannot apply: the gallery waits for a PATCH."""
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-        self.unavailable[gallery_id] = reason
-        log.error("gallery %d's index cannot be built: %s", gallery_id, reason)
-        return ServiceError(
-            f"gallery {gallery_id}'s index cannot be built from its stored settings ({reason}); "
-            "PATCH the gallery's index_type or index_params to fix it",
-            503,
-        )
+        return cannot_build(self.unavailable, gallery_id, error)
 
     # Finding the active collection.
 

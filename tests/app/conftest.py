@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -24,6 +28,7 @@ from training.checkpoint import ModelCard, Preprocessing, save_artifact
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 # The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
+ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TINY_DIM = 16
 
@@ -96,6 +101,26 @@ def make_client(tmp_path: Path, model_root: Path, **overrides) -> TestClient:
         **overrides,
     )
     return TestClient(create_app(settings))
+
+
+def start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """The API under uvicorn in a subprocess with `env`, once its /readyz answers 200."""
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise AssertionError(f"the API exited: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the API did not become ready in 90 s")
 
 
 @contextmanager

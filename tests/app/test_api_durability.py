@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.conftest import make_client, png
+from tests.app.conftest import make_client, png, start_api
 from tests.conftest import free_port
 
 API = "/api/v1"
@@ -31,22 +30,7 @@ def start_server(data_dir: Path, model_root: Path, port: int, log: Path) -> subp
         "LOOKALIKE_THREADS": "1",
         "LOOKALIKE_SNAPSHOT_EVERY": "7",  # snapshots happen during the run, not only at exit
     }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not become ready in 90 s")
+    return start_api(port, env, log)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from app.cli import start_milvus_lite
 from app.services.filters import Filters, metadata_matches
 from app.services.milvus_indexes import _expression
-from tests.app.conftest import make_client, png
+from tests.app.conftest import make_client, png, start_api
 from tests.conftest import free_port
 
 API = "/api/v1"
@@ -204,25 +204,6 @@ def test_lookalike_index_reconcile_reports_each_gallery(tmp_path: Path, model_ro
     }
 
 
-def _start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(f"the API exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the API did not become ready in 90 s")
-
-
 @pytest.mark.slow
 def test_two_api_processes_over_one_database_and_engine_agree_at_once(
     tmp_path: Path, model_root: Path, postgres_schema: str
@@ -246,7 +227,7 @@ def test_two_api_processes_over_one_database_and_engine_agree_at_once(
     apis = []
     try:
         for number, port in enumerate(ports):
-            apis.append(_start_api(port, env, tmp_path / f"api{number}.log"))
+            apis.append(start_api(port, env, tmp_path / f"api{number}.log"))
         one, two = (httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=60) for p in ports)
         with one, two:
             model = one.post(f"{API}/models", data={"name": "tiny", "path": "tiny"}).json()["id"]
