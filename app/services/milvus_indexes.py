@@ -368,6 +368,7 @@ class MilvusIndexManager:
                 session, gallery.id, model_id, dimension
             ):
                 self.store.insert(name, ids, vectors, labels, metas)
+            self.store.flush(name)
         except BaseException:
             self._drop_quietly(name)
             raise
@@ -472,6 +473,8 @@ class MilvusIndexManager:
                         session, gallery_id, gallery.model_id, dimension, only=chunk
                     ):
                         self.store.insert(name, ids, vectors, labels, metas)
+                if len(missing) >= _CHUNK:  # a bulk load: seal it so it gets indexed
+                    self.store.flush(name)
                 self._drop_older(gallery, name)
             self.pending.discard(gallery_id)
             self.unavailable.pop(gallery_id, None)
