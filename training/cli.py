@@ -34,23 +34,11 @@ def _user_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from training.checkpoint import CheckpointError
-        from training.config import ConfigError
-        from training.data.records import DatasetError
-        from training.engine.trainer import RunDirectoryError
-        from training.models.backbones import BackboneError
+        from training.errors import input_error_types
 
         try:
             return command(*args, **kwargs)
-        except (
-            BackboneError,
-            CheckpointError,
-            ConfigError,
-            DatasetError,
-            RunDirectoryError,
-            FloatingPointError,
-            ValueError,
-        ) as error:
+        except (*input_error_types(), ValueError) as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

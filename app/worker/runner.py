@@ -228,22 +228,9 @@ def claim(runtime: Runtime, job_id: int, worker: str) -> Job | None:
 # Errors that are the job's input's fault: the message alone is the reason, no traceback.
 def user_error_types() -> tuple[type[BaseException], ...]:
     from app.imaging import ImageRejected
-    from training.checkpoint import CheckpointError
-    from training.config import ConfigError
-    from training.data.records import DatasetError
-    from training.engine.trainer import RunDirectoryError
-    from training.models.backbones import BackboneError
+    from training.errors import input_error_types
 
-    return (
-        ServiceError,
-        CheckpointError,
-        ConfigError,
-        DatasetError,
-        RunDirectoryError,
-        BackboneError,
-        ImageRejected,
-        FloatingPointError,
-    )
+    return (ServiceError, ImageRejected, *input_error_types())
 
 
 class _NoTracebackFormatter(logging.Formatter):
