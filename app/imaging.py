@@ -5,7 +5,7 @@ right after the header is parsed and before any pixel is decoded (a per-call cap
 global `Image.MAX_IMAGE_PIXELS` is never mutated); Pillow's `DecompressionBombWarning` is an error
 in this process; truncated files are rejected (`ImageFile.LOAD_TRUNCATED_IMAGES` stays off); EXIF
 orientation is applied and every mode becomes 8-bit RGB with training's own conversion
-(`training.data.image_dataset._to_rgb`), so the service embeds exactly what training evaluated.
+(`training.data.image_dataset.to_rgb`), so the service embeds exactly what training evaluated.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from training.data.image_dataset import _WIDE_GREY_MODES, _to_rgb
+from training.data.image_dataset import WIDE_GREY_MODES, to_rgb
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _ACCEPTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
@@ -236,7 +236,7 @@ def _decode(image: Image.Image, min_side: int | None) -> tuple[Image.Image, bool
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     swapped = orientation in _SWAPS_SIDES
     if factor == 1 and image.width * image.height <= _WHOLE_IMAGE_PIXELS:
-        return _to_rgb(ImageOps.exif_transpose(image)), swapped
+        return to_rgb(ImageOps.exif_transpose(image)), swapped
     rgb = _rgb_by_bands(image, factor)
     if orientation in _ORIENTATION_FIX:
         rgb = rgb.transpose(_ORIENTATION_FIX[orientation])
@@ -244,12 +244,12 @@ def _decode(image: Image.Image, min_side: int | None) -> tuple[Image.Image, bool
 
 
 def _rgb_by_bands(image: Image.Image, factor: int) -> Image.Image:
-    """`_to_rgb(image)` box-reduced by `factor`, one band of rows at a time, so that neither a
+    """`to_rgb(image)` box-reduced by `factor`, one band of rows at a time, so that neither a
     conversion nor `reduce`'s premultiplied copy of an RGBA image exists at full size (a band's
     height is a multiple of `factor`, so every box is the one a whole-image `reduce` averages;
-    `_to_rgb` works pixel by pixel, so converting bands gives the whole image's result)."""
-    if image.mode in _WIDE_GREY_MODES:
-        working_mode = "I"  # 16-bit grey: `_to_rgb` keeps its high byte
+    `to_rgb` works pixel by pixel, so converting bands gives the whole image's result)."""
+    if image.mode in WIDE_GREY_MODES:
+        working_mode = "I"  # 16-bit grey: `to_rgb` keeps its high byte
     elif image.has_transparency_data:
         working_mode = "RGBA"  # colour-key (tRNS) transparency too
     elif image.mode in _REDUCIBLE_MODES:
@@ -265,7 +265,7 @@ def _rgb_by_bands(image: Image.Image, factor: int) -> Image.Image:
             piece = (piece if piece.mode == working_mode else piece.convert(working_mode)).reduce(
                 factor
             )
-        result.paste(_to_rgb(piece), (0, top // factor))
+        result.paste(to_rgb(piece), (0, top // factor))
     return result
 
 

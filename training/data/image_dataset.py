@@ -30,7 +30,7 @@ WHITE = 255
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Pillow modes holding more than 8 bits per grey sample ("I" is how some TIFFs open).
-_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 # What Pillow raises for files that are missing, damaged, truncated or not images at all.
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -64,7 +64,7 @@ def decode_image_file(path: Path | str) -> torch.Tensor:
 
 def decode_pil_image(image: Image.Image) -> torch.Tensor:
     """Convert a PIL image to a uint8 RGB tensor (3, H, W) exactly as `decode_image_file` does."""
-    return pil_to_tensor(_to_rgb(ImageOps.exif_transpose(image)))
+    return pil_to_tensor(to_rgb(ImageOps.exif_transpose(image)))
 
 
 def _decode_with_torchvision(data: torch.Tensor, may_have_alpha: bool) -> torch.Tensor:
@@ -86,8 +86,10 @@ def _composite_on_white(rgba: torch.Tensor) -> torch.Tensor:
     return blended.to(torch.uint8)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in _WIDE_GREY_MODES:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image in any mode as 8-bit RGB, the way training and the service both see it:
+    16-bit grey keeps its high byte, transparency is composited on white."""
+    if image.mode in WIDE_GREY_MODES:
         # Pillow's own conversion clips 16-bit grey at 255 (nearly everything turns white).
         grey16 = np.asarray(image).astype(np.int64).clip(0, 65535)
         return Image.fromarray((grey16 >> 8).astype(np.uint8), mode="L").convert("RGB")
