@@ -175,7 +175,7 @@ def run_demo(
     train_minutes: float = 5.0,
     train: bool = True,
 ) -> None:
-    from app.cli import serve_processes
+    from app.local import serve_processes
     from training.data.benchmarks.cli import build_icons_command
 
     started = time.monotonic()

@@ -35,9 +35,9 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import insert
 
-from app.cli import start_milvus_lite
 from app.core.config import Settings
 from app.db.models import Image, ImageEmbedding
+from app.local import start_milvus_lite
 from app.main import create_app
 from training.checkpoint import ModelCard, Preprocessing, save_artifact
 from training.models.embedding import EmbeddingModel, ModelSpec

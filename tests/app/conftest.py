@@ -18,9 +18,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.cli import start_milvus_lite
 from app.core.config import Settings
 from app.db.migrate import upgrade
+from app.local import start_milvus_lite
 from app.main import create_app
 from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder

@@ -24,8 +24,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.cli import serve_processes
 from app.core.config import Settings
+from app.local import serve_processes
 from tests.app.conftest import png
 from tests.conftest import free_port
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.cli import start_milvus_lite
+from app.local import start_milvus_lite
 from app.services.filters import Filters, metadata_matches
 from app.services.milvus_indexes import _expression
 from tests.app.conftest import make_client, png, start_api

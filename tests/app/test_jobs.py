@@ -23,9 +23,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.cli import serve_processes, settings_env
 from app.core.config import Settings
 from app.db.models import Job
+from app.local import serve_processes, settings_env
 from app.main import create_app
 from app.services.jobs import fail_lost_jobs, fail_worker_jobs, now
 from app.services.runtime import Runtime

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.cli import serve_processes
 from app.core.config import Settings
+from app.local import serve_processes
 from app.worker.celery_app import GPU_QUEUE
 from tests.app.conftest import png, worker_settings
 from tests.conftest import free_port
