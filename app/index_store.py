@@ -58,6 +58,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from training.fsutil import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "lookalike-index/1"
@@ -645,7 +647,7 @@ class GalleryIndex:
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return path
 
     @classmethod
@@ -743,14 +745,6 @@ def _read_exact(file: Any, n: int) -> bytes:
     if len(data) != n:
         raise IndexFileError(f"{file.name} is truncated")
     return data
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexStore:

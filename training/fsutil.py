@@ -15,6 +15,15 @@ def fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (files created or renamed in it) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_directory(new: Path, target: Path) -> None:
     """Put the complete directory `new` at `target`, retiring what was there.
 

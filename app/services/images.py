@@ -40,6 +40,7 @@ from app.services.galleries import get_gallery, missing_embeddings
 from app.services.index_backend import IndexRows
 from app.services.models import embedder_for, get_model
 from app.services.runtime import Runtime
+from training.fsutil import fsync_dir
 
 # Sub-folder of a gallery's upload folder that holds its cached thumbnails.
 THUMBNAILS_FOLDER = "thumbnails"
@@ -354,11 +355,7 @@ def _write_files(settings: Settings, gallery_id: int, items: list[_Decoded]) -> 
             os.fsync(out.fileno())
         paths.append(path)
     if paths:
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(folder)
     return paths
 
 
