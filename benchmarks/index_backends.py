@@ -30,7 +30,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import insert
@@ -39,33 +38,13 @@ from app.core.config import Settings
 from app.db.models import Image, ImageEmbedding
 from app.local import start_milvus_lite
 from app.main import create_app
-from training.checkpoint import ModelCard, Preprocessing, save_artifact
-from training.models.embedding import EmbeddingModel, ModelSpec
+from training.checkpoint import save_untrained_artifact
 
 API = "/api/v1"
 DIM = 128
 # faiss; Milvus Lite inside the API process (LOOKALIKE_MILVUS_URI=<file>.db, the embedded
 # Milvus); Milvus Lite as its own server process over gRPC, as a deployed Milvus is reached.
 BACKENDS = ("faiss", "milvus", "milvus-server")
-
-
-def write_model(directory: Path) -> None:
-    torch.manual_seed(0)
-    model = EmbeddingModel(ModelSpec(embedding_dim=DIM), weights="none").eval()
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=DIM,
-        preprocessing=Preprocessing(
-            image_size=32,
-            test_crop_pct=1.0,
-            interpolation="bilinear",
-            mean=info.mean,
-            std=info.std,
-        ),
-        method={"name": "margin", "params": {}},
-    )
-    save_artifact(directory, model, card)
 
 
 def clustered(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -127,7 +106,7 @@ def run(size: int, queries: int, uploads: int, batch: int, root: Path) -> dict:
     probes = clustered(queries, np.random.default_rng(1))
     model_root = root / "models"
     if not (model_root / "m").exists():
-        write_model(model_root / "m")
+        save_untrained_artifact(model_root / "m", DIM)
     results: dict = {"size": size, "loadavg_start": os.getloadavg()[0]}
     with ExitStack() as stack:
         clients, galleries = {}, {}

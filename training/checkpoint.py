@@ -105,6 +105,35 @@ def save_artifact(
     return directory
 
 
+def save_untrained_artifact(
+    directory: Path,
+    embedding_dim: int,
+    *,
+    image_size: int = 32,
+    method: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """An artifact with seeded random weights and no download (the default backbone at
+    `image_size`): fast and deterministic, for tests, benchmarks and smoke checks of the
+    service."""
+    torch.manual_seed(0)
+    model = EmbeddingModel(ModelSpec(embedding_dim=embedding_dim), weights="none").eval()
+    info = model.backbone_info
+    card = ModelCard(
+        architecture=model.spec,
+        embedding_dim=embedding_dim,
+        preprocessing=Preprocessing(
+            image_size=image_size,
+            test_crop_pct=1.0,
+            interpolation="bilinear",
+            mean=info.mean,
+            std=info.std,
+        ),
+        method=method or {"name": "margin", "params": {}},
+    )
+    return save_artifact(directory, model, card, extra_tensors=extra_tensors)
+
+
 def read_card(directory: Path) -> ModelCard:
     directory = Path(directory)
     card_path = directory / CARD_FILE

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
@@ -24,8 +23,7 @@ from app.local import start_milvus_lite
 from app.main import create_app
 from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder
-from training.checkpoint import ModelCard, Preprocessing, save_artifact
-from training.models.embedding import EmbeddingModel, ModelSpec
+from training.checkpoint import save_untrained_artifact
 
 # The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,22 +40,7 @@ def png(class_index: int, sample: int, fmt: str = "PNG") -> bytes:
 
 def write_tiny_artifact(directory: Path, method: dict | None = None, extras=None) -> Path:
     """A 16-d model with random weights (no download) at 32 px: fast, deterministic."""
-    torch.manual_seed(0)
-    model = EmbeddingModel(ModelSpec(embedding_dim=TINY_DIM), weights="none").eval()
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=TINY_DIM,
-        preprocessing=Preprocessing(
-            image_size=32,
-            test_crop_pct=1.0,
-            interpolation="bilinear",
-            mean=info.mean,
-            std=info.std,
-        ),
-        method=method or {"name": "margin", "params": {}},
-    )
-    return save_artifact(directory, model, card, extra_tensors=extras)
+    return save_untrained_artifact(directory, TINY_DIM, method=method, extra_tensors=extras)
 
 
 def worker_settings(root: Path, **overrides) -> Settings:
