@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
@@ -135,9 +135,10 @@ class MilvusIndexManager:
                     built = self._build(
                         session, fresh, fresh.model_id, fresh.index_type, fresh.index_params
                     )
-                name = built.name
+                name, kind, params = built.name, built.index_type, built.params
+            else:
+                kind, params = self._settings_of(gallery)
             self.store.point_alias(gallery.id, name)
-            kind, params = self._settings_of(gallery)
             self._active[gallery.id] = (gallery.index_version, name, kind, params)
             return name, kind, params
 
@@ -616,7 +617,16 @@ def _expression(filters: Filters | None) -> str:
 
 
 def _stored_count(session: Session, gallery_id: int, model_id: int) -> int:
-    return len(_stored_ids(session, gallery_id, model_id))
+    """How many embeddings by `model_id` the gallery stores (one COUNT, no ids fetched)."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(ImageEmbedding)
+            .join(Image, Image.id == ImageEmbedding.image_id)
+            .where(Image.gallery_id == gallery_id, ImageEmbedding.model_id == model_id)
+        )
+        or 0
+    )
 
 
 def _stored_rows(
