@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # lookalike images (README "Production"). Three targets, one slim Python 3.11 base:
 #
 #   api         CPU-only: FastAPI + uvicorn. The API embeds uploads and queries on the CPU (one
@@ -20,6 +18,18 @@
 #
 #   docker build --target api -t lookalike:api .
 #   docker build --target worker-gpu -t lookalike:worker-gpu .
+#
+# Build arguments (docker-compose.yml passes them from the environment or .env):
+#   PYTHON_IMAGE          the base: any Debian 12 image with Python 3.11 and venv (default the
+#                         official slim image; deploy/local-images/build.sh makes one from
+#                         Debian packages where no registry is reachable)
+#   TORCH_CPU_INDEX       where the API image's CPU-only torch comes from; empty = from PyPI or
+#                         the wheelhouse (the CUDA build: works on the CPU, ~5 GB larger)
+#   PIP_INSTALL_OPTIONS   extra pip options: `--no-index` for an air-gapped build from the
+#                         wheelhouse alone, `--index-url URL` for a mirror
+# The wheelhouse: wheels in ./wheelhouse (`make wheelhouse` fills it) are offered to pip before
+# any index; empty by default. No `# syntax=` line: BuildKit would fetch that frontend image from
+# Docker Hub, which an air-gapped build cannot reach; the built-in frontend suffices.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -30,6 +40,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /srv/lookalike
 COPY pyproject.toml constraints.txt ./
+COPY wheelhouse /wheelhouse
+ENV PIP_FIND_LINKS=/wheelhouse
+ARG PIP_INSTALL_OPTIONS=""
 # The project's runtime requirements, read from pyproject.toml, plus those of the extras named
 # in EXTRAS (comma-separated, e.g. `milvus`: docker-compose.milvus.yml sets it): this layer (the
 # slow one) only changes with pyproject.toml, constraints.txt or EXTRAS, not with the source.
@@ -40,37 +53,40 @@ FROM builder AS build-cpu
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # With the CPU index added, pip prefers torch 2.x.y+cpu (a local version sorts above the plain
 # one) and `torch==2.x.y` in the constraints accepts it; no nvidia-* package is pulled in.
-RUN pip install --extra-index-url "${TORCH_CPU_INDEX}" -c constraints.txt -r /tmp/requirements.txt \
-    && ! pip list 2>/dev/null | grep -q '^nvidia-'
+RUN pip install ${PIP_INSTALL_OPTIONS} ${TORCH_CPU_INDEX:+--extra-index-url "$TORCH_CPU_INDEX"} \
+        -c constraints.txt -r /tmp/requirements.txt \
+    && if [ -n "${TORCH_CPU_INDEX}" ]; then ! pip list 2>/dev/null | grep -q '^nvidia-'; \
+       else echo "note: torch without TORCH_CPU_INDEX is the CUDA build (larger image)"; fi
 COPY alembic.ini README.md ./
 COPY alembic ./alembic
 COPY training ./training
 COPY app ./app
-RUN pip install --no-deps -e . && python -c "import app.cli, app.main, app.worker.celery_app"
+RUN pip install ${PIP_INSTALL_OPTIONS} --no-deps -e . && python -c "import app.cli, app.main, app.worker.celery_app"
 
 FROM builder AS build-gpu
 ARG TORCH_CUDA_INDEX=
-RUN pip install ${TORCH_CUDA_INDEX:+--extra-index-url "$TORCH_CUDA_INDEX"} \
+RUN pip install ${PIP_INSTALL_OPTIONS} ${TORCH_CUDA_INDEX:+--extra-index-url "$TORCH_CUDA_INDEX"} \
         -c constraints.txt -r /tmp/requirements.txt
 COPY alembic.ini README.md ./
 COPY alembic ./alembic
 COPY training ./training
 COPY app ./app
-RUN pip install --no-deps -e . && python -c "import app.cli, app.worker.celery_app"
+RUN pip install ${PIP_INSTALL_OPTIONS} --no-deps -e . && python -c "import app.cli, app.worker.celery_app"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 # libcairo2: the IconThemes builder renders SVG icons (dataset jobs); libgomp1: OpenMP for FAISS.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libcairo2 libgomp1 \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libcairo2 libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 lookalike \
-    && useradd --system --uid 10001 --gid lookalike --home-dir /srv/lookalike --no-create-home \
+    && useradd --system --uid 10001 --gid lookalike --home-dir /home/lookalike --create-home \
         --shell /usr/sbin/nologin lookalike \
     && mkdir -p /data /datasets \
     && chown lookalike:lookalike /data
 # /data is the shared volume (uploads, FAISS snapshots, models, job folders); a fresh named
-# volume takes over the ownership set here.
+# volume takes over the ownership set here. The home folder is writable for the caches that
+# libraries keep there (matplotlib, ONNX Runtime, torch hub); /srv/lookalike (code) is not.
 ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 LOOKALIKE_DATA_DIR=/data
 WORKDIR /srv/lookalike

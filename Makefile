@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := runs/icons-margin
 
-.PHONY: demo train-icons test lint install constraints settings-doc
+.PHONY: demo train-icons test lint install constraints settings-doc wheelhouse compose-smoke
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,17 @@ MILVUS_PASS := $(addprefix tests/app/,test_api_catalog.py test_api_search.py \
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 || [ $$? -eq 5 ]
 	LOOKALIKE_INDEX_BACKEND=milvus $(BIN)/python -m pytest -q --durations=5 $(MILVUS_PASS)
+
+# The compose stack in real containers (needs a Docker engine with Compose v2): build, up, the
+# user journey, restart, down and up (scripts/compose_smoke.py). COMPOSE_SMOKE=offline builds the
+# base images from Debian packages and installs from ./wheelhouse (no registry, no index).
+COMPOSE_SMOKE ?= online
+compose-smoke: $(BIN)/.installed
+	LOOKALIKE_COMPOSE_SMOKE=$(COMPOSE_SMOKE) $(BIN)/python -m pytest -q -s tests/deploy/test_compose_smoke.py
+
+# Every wheel the images install, into ./wheelhouse, for builds without a package index.
+wheelhouse:
+	scripts/wheelhouse.sh
 
 # Pin the tested virtual environment's versions for the Docker images (constraints.txt).
 constraints: $(BIN)/.installed

@@ -6,7 +6,8 @@
 
     python -m app.prestart [--wait SECONDS]
 
-Every step is idempotent, so running it on every start (or in several replicas) is safe.
+Every step is idempotent, and replicas starting together take turns (app.db.migrate's
+startup_lock), so running it on every start of every replica is safe.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from sqlalchemy import text
 
 from app.core.config import Settings, get_settings
-from app.db.migrate import upgrade
+from app.db.migrate import startup_lock, upgrade
 from app.db.session import make_engine, make_session_factory
 from app.services.runtime import keep_files_private
 
@@ -74,8 +75,9 @@ def prestart(settings: Settings, wait_s: float = 60.0) -> None:
     log.info("database: %s", redacted(settings.database_url))
     wait_for_database(settings, wait_s)
     keep_files_private()
-    upgrade(settings)
-    seed(settings)
+    with startup_lock(settings):
+        upgrade(settings)
+        seed(settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,16 @@ COMPOSE_VARIABLES: list[tuple[str, str, str]] = [
     ("FLOWER_PORT", "5555", "Host port of Flower (profile `flower`), bound to 127.0.0.1."),
     ("FLOWER_BASIC_AUTH", "admin:change-me", "user:password for Flower."),
     ("TORCH_CUDA_INDEX", "", "Extra pip index for the GPU image's torch, e.g. .../whl/cu126."),
+    # Image builds without a registry or index (README, "Air-gapped builds").
+    ("PYTHON_IMAGE", "python:3.11-slim-bookworm", "Base of the lookalike images (Debian 12)."),
+    (
+        "TORCH_CPU_INDEX",
+        "https://download.pytorch.org/whl/cpu",
+        "Index of the API image's CPU torch; empty: PyPI's or the wheelhouse's (CUDA build).",
+    ),
+    ("PIP_INSTALL_OPTIONS", "", "Extra pip options for image builds, e.g. --no-index."),
+    ("POSTGRES_IMAGE", "postgres:16-alpine", "PostgreSQL image."),
+    ("REDIS_IMAGE", "redis:7-alpine", "Redis image."),
 ]
 
 

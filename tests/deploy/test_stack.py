@@ -343,3 +343,45 @@ def test_compose_stack_user_journey(
         assert second["results"][0]["image_id"] == first["results"][0]["image_id"]
         running.check_alive()
         print(f"first search answered {first_search_s:.1f} s after start")
+
+
+def test_replicas_starting_together_migrate_and_seed_once(tmp_path: Path, database: str) -> None:
+    """Three API containers starting at once run app.prestart together on one database and one
+    shared volume: every one succeeds, the schema is at head and there is one built-in model."""
+    from alembic.script import ScriptDirectory
+
+    from app.core.config import Settings
+    from app.db.migrate import alembic_config
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")} | {
+        "LOOKALIKE_DATABASE_URL": database,
+        "LOOKALIKE_DATA_DIR": str(tmp_path / "data"),
+        "LOOKALIKE_SEED_BUILTIN_MODEL": "true",
+        "LOOKALIKE_THREADS": "1",
+    }
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.prestart", "--wait", "30"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [replica.communicate(timeout=300)[0] for replica in replicas]
+    for replica, output in zip(replicas, outputs, strict=True):
+        assert replica.returncode == 0, output[-3000:]
+    import psycopg
+
+    plain_url = database.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain_url) as connection:
+        [(version,)] = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        [(builtins,)] = connection.execute("SELECT count(*) FROM models WHERE builtin").fetchall()
+    head = ScriptDirectory.from_config(
+        alembic_config(Settings(database_url=database))
+    ).get_current_head()
+    assert version == head
+    assert builtins == 1
+    assert sum("wrote pretrained" in output for output in outputs) == 1  # built once
