@@ -105,10 +105,12 @@ def worker(
 ) -> None:
     """Run a Celery worker for deployment: `--queues gpu` (one training at a time, solo pool:
     CUDA and data-loader processes work) and `--queues cpu` for index and import jobs."""
-    from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE, celery_app
+    from app.services.jobs.base import GPU_QUEUE
+    from app.services.jobs.registry import QUEUES
+    from app.worker.celery_app import celery_app
 
     chosen = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = sorted(set(chosen) - {GPU_QUEUE, CPU_QUEUE})
+    unknown = sorted(set(chosen) - set(QUEUES))
     if not chosen or unknown:
         raise typer.BadParameter(f"queues must be gpu and/or cpu, got {queues!r}")
     pool = pool or ("solo" if GPU_QUEUE in chosen else "prefork")

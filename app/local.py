@@ -89,7 +89,7 @@ class LocalService:
         from celery.utils.nodenames import host_format
 
         from app.db.session import make_engine, make_session_factory
-        from app.services.jobs import fail_worker_jobs
+        from app.services.jobs.lifecycle import fail_worker_jobs
 
         for process in self.workers.values():
             if process.poll() is None:
@@ -134,8 +134,8 @@ def serve_processes(
 
     from app.db.migrate import upgrade
     from app.main import api_key_file, create_app, describe_api_key, with_api_key
+    from app.services.jobs.base import CPU_QUEUE, GPU_QUEUE
     from app.services.runtime import keep_files_private
-    from app.worker.celery_app import CPU_QUEUE, GPU_QUEUE
 
     queues = (GPU_QUEUE, CPU_QUEUE) if workers else ()
     milvus_server = None

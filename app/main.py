@@ -33,6 +33,7 @@ from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
 from app.services.errors import RETRY_AFTER_S, ServiceError
 from app.services.images import sweep_orphan_files
+from app.services.jobs.broker import JobQueue
 from app.services.models import ensure_builtin
 from app.services.runtime import Runtime, keep_files_private
 from app.web import install_web
@@ -92,6 +93,9 @@ def _start(app: FastAPI, settings: Settings) -> None:
         log.warning("deleted %d upload files that no image refers to (uploads cut short)", orphans)
     app.state.orphans_removed = orphans
     app.state.runtime = runtime
+    # The job publisher: a Celery app that connects on first publish, so the API starts (and
+    # serves searches) without a broker.
+    app.state.job_queue = JobQueue(runtime.settings)
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.session_factory = runtime.session_factory
@@ -158,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.job_queue.close()
             await to_thread.run_sync(app.state.runtime.close)
 
     app = FastAPI(

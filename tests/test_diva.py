@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-import training.methods.diva  # noqa: F401  (registers the method, its head and its miners)
+import training.methods.diva  # noqa: F401  (registers the method and its miners)
 from training.checkpoint import load_embedder
 from training.cli import app
 from training.config import TrainConfig
@@ -26,9 +26,11 @@ from training.losses.diva_miners import (
     RandomPermutedDistanceMiner,
     SharedNegativeDistanceMiner,
 )
-from training.losses.miners import MINERS, build_miner
+from training.losses.mining import MINERS, build_miner
 from training.methods.base import Batch
-from training.methods.diva import HEAD_NAMES, DiVA, DiVAHead
+from training.methods.diva import DiVA
+from training.models.heads import DIVA_HEAD_NAMES as HEAD_NAMES
+from training.models.heads import DiVAHead
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 
@@ -51,8 +53,8 @@ class TinyNetwork(nn.Module):
         return {**self.head(features), "features": features}
 
 
-def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, **config):
-    """What DiVA's hooks read from a trainer, around a tiny network."""
+def tiny_context(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, **config):
+    """What DiVA's hooks read of a run (a TrainingContext), around a tiny network."""
     cfg = TrainConfig(
         data="unused",
         batch_size=batch_size,
@@ -74,9 +76,9 @@ def tiny_trainer(feature_dim: int = 12, head_dim: int = 4, batch_size: int = 4, 
     )
 
 
-def diva_with_setup(trainer, head_dim: int = 4, **params) -> DiVA:
+def diva_with_setup(run, head_dim: int = 4, **params) -> DiVA:
     method = DiVA(num_classes=4, embedding_dim=head_dim, **params)
-    method.setup(trainer)
+    method.setup(run)
     return method
 
 
@@ -327,7 +329,7 @@ def test_dance_normalise_is_validated_and_set_from_diva():
     assert DiVA(num_classes=4, embedding_dim=8).dance_loss.normalise == "batch"
     torch.manual_seed(0)
     for normalise, axis in (("batch", 0), ("row", 1)):
-        trainer = tiny_trainer(batch_size=8)
+        trainer = tiny_context(batch_size=8)
         method = diva_with_setup(trainer, n_key_batches=2, dance_normalise=normalise)
         assert method.params["dance_normalise"] == normalise  # recorded in the model card
         with torch.no_grad():
@@ -461,7 +463,7 @@ def test_test_time_embedding_is_the_weighted_concatenation_renormalised():
 
 # ---------------------------------------------------------------- momentum encoder and queue
 def test_key_model_is_a_frozen_eval_mode_copy_saved_in_the_state_dict():
-    trainer = tiny_trainer()
+    trainer = tiny_context()
     method = diva_with_setup(trainer, n_key_batches=3)
     assert method.queue.shape == (3 * 4, 4)
     method.train()
@@ -473,7 +475,7 @@ def test_key_model_is_a_frozen_eval_mode_copy_saved_in_the_state_dict():
     with torch.no_grad():
         method.queue.normal_()
         next(method.key_model.parameters()).add_(1.0)
-    restored = diva_with_setup(tiny_trainer(), n_key_batches=3)
+    restored = diva_with_setup(tiny_context(), n_key_batches=3)
     restored.load_state_dict(method.state_dict())
     torch.testing.assert_close(restored.queue, method.queue)
     torch.testing.assert_close(
@@ -482,7 +484,7 @@ def test_key_model_is_a_frozen_eval_mode_copy_saved_in_the_state_dict():
 
 
 def test_momentum_update_follows_the_formula():
-    trainer = tiny_trainer()
+    trainer = tiny_context()
     method = diva_with_setup(trainer)
     online = trainer.model
     with torch.no_grad():
@@ -496,7 +498,7 @@ def test_momentum_update_follows_the_formula():
 
 
 def test_queue_is_first_in_first_out():
-    method = diva_with_setup(tiny_trainer(), n_key_batches=2)  # 8 keys of dimension 4
+    method = diva_with_setup(tiny_context(), n_key_batches=2)  # 8 keys of dimension 4
     with torch.no_grad():
         method.queue.copy_(torch.arange(32.0).reshape(8, 4))
     new_keys = -torch.arange(12.0).reshape(3, 4)
@@ -513,7 +515,7 @@ GRADIENT_NORMS = [f"grad_norm_{term}" for term in (*HEAD_NAMES, *DECORRELATION_T
 
 
 def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_queue():
-    trainer = tiny_trainer(batch_size=8)
+    trainer = tiny_context(batch_size=8)
     method = diva_with_setup(trainer, n_key_batches=2)
     with torch.no_grad():
         method.queue.copy_(F.normalize(torch.randn(16, 4), dim=1))
@@ -548,7 +550,7 @@ def test_training_step_and_step_end_combine_losses_and_advance_key_model_and_que
 
 def test_training_step_logs_negatives_and_gradient_norms_without_touching_grads_or_rng():
     torch.manual_seed(0)
-    trainer = tiny_trainer(batch_size=8)
+    trainer = tiny_context(batch_size=8)
     model, method = trainer.model, diva_with_setup(trainer, n_key_batches=2)
     with torch.no_grad():
         method.queue.copy_(F.normalize(torch.randn(16, 4), dim=1))
@@ -581,8 +583,8 @@ def test_training_step_logs_negatives_and_gradient_norms_without_touching_grads_
 def test_queue_is_filled_from_training_batches_without_touching_the_global_rng(tiny_dataset):
     def filled_queue() -> torch.Tensor:
         torch.manual_seed(0)
-        trainer = tiny_trainer(feature_dim=3 * 32 * 32, head_dim=8, batch_size=4, seed=3)
-        trainer.data = SimpleNamespace(train=load_dataset(str(tiny_dataset)).train)
+        trainer = tiny_context(feature_dim=3 * 32 * 32, head_dim=8, batch_size=4, seed=3)
+        trainer.train = load_dataset(str(tiny_dataset)).train
         method = diva_with_setup(trainer, head_dim=8, n_key_batches=2)
         rng = torch.get_rng_state()
         method.on_train_start(trainer)

@@ -12,19 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-import training.methods.dvml  # noqa: F401  (registers the "dvml" method and head)
+import training.methods.dvml  # noqa: F401  (registers the "dvml" method)
 from tests.conftest import draw_sample
 from training.checkpoint import load_embedder
 from training.cli import app
 from training.losses import MarginLoss, NPairLoss, TripletLoss
 from training.methods.base import Batch
-from training.methods.dvml import (
-    DVMLHead,
-    DVMLMethod,
-    FeatureReconstructionLoss,
-    StandardNormalKL,
-)
+from training.methods.dvml import DVMLMethod, FeatureReconstructionLoss, StandardNormalKL
 from training.models.embedding import EmbeddingModel, ModelSpec
+from training.models.heads import DVMLHead
 
 FEATURE_DIM, EMBEDDING_DIM, CLASSES = 12, 8, 4
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])

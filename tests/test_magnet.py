@@ -351,15 +351,13 @@ def _seed_cluster_counts(index: ClusterIndex, batches: int) -> Counter[int]:
 # --- method ----------------------------------------------------------------------------------
 
 
-def _fake_trainer(labels: list[int], *, batch_size: int = 8, world_size: int = 1):
+def _fake_context(labels: list[int], *, batch_size: int = 8, world_size: int = 1):
     classes = max(labels) + 1
     return SimpleNamespace(
         world_size=world_size,
         cfg=SimpleNamespace(batch_size=batch_size),
-        data=SimpleNamespace(
-            train=SimpleNamespace(
-                labels=labels, num_classes=classes, class_names=[f"c{i}" for i in range(classes)]
-            )
+        train=SimpleNamespace(
+            labels=labels, num_classes=classes, class_names=[f"c{i}" for i in range(classes)]
         ),
         model=SimpleNamespace(embedding_dim=2),
     )
@@ -376,7 +374,7 @@ def test_training_step_caches_each_example_loss_and_the_running_variance() -> No
         num_classes=2, embedding_dim=2, clusters_per_batch=2, examples_per_cluster=2,
         clusters_per_class=1, variance_momentum=0.5,
     )  # fmt: skip
-    method.setup(_fake_trainer(labels, batch_size=4))
+    method.setup(_fake_context(labels, batch_size=4))
     method.index.assignments.copy_(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
     method.index.fitted.fill_(True)
     indices = torch.tensor([1, 2, 5, 6])
@@ -403,19 +401,19 @@ def test_training_step_caches_each_example_loss_and_the_running_variance() -> No
 @pytest.mark.parametrize(("params", "clusters"), [({}, 3 * 3), ({"min_cluster_size": 1}, 3 * 8)])
 def test_method_sizes_clusters_for_d_examples_by_default(params, clusters) -> None:
     method = MagnetMethod(num_classes=3, embedding_dim=2, clusters_per_batch=2, **params)
-    method.setup(_fake_trainer([c for c in range(3) for _ in range(14)]))
+    method.setup(_fake_context([c for c in range(3) for _ in range(14)]))
     assert method.cluster_index.num_clusters == clusters  # 14 // 4 = 3 or min(8, 14) = 8
 
 
 def test_method_state_restores_the_cluster_index() -> None:
     labels = [0, 0, 0, 1, 1, 1]
     method = MagnetMethod(num_classes=2, embedding_dim=2, clusters_per_batch=2)
-    method.setup(_fake_trainer(labels))
+    method.setup(_fake_context(labels))
     method.index.fit(np.random.default_rng(0).normal(size=(6, 2)), np.array(labels),
                      iterations=5, seed=0)  # fmt: skip
     method.index.record_losses(torch.tensor([4]), torch.tensor([0.0]))
     restored = MagnetMethod(num_classes=2, embedding_dim=2, clusters_per_batch=2)
-    restored.setup(_fake_trainer(labels))
+    restored.setup(_fake_context(labels))
     restored.load_state_dict(method.state_dict())
     for name, tensor in method.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0,
@@ -426,9 +424,9 @@ def test_method_state_restores_the_cluster_index() -> None:
 @pytest.mark.parametrize(
     ("trainer", "message"),
     [
-        (_fake_trainer([0, 0, 1, 1], batch_size=8, world_size=2), "one process"),
-        (_fake_trainer([0, 0, 1, 1], batch_size=12), "pass --batch-size 32"),
-        (_fake_trainer([0, 0, 0, 0], batch_size=32), "needs 7 impostor clusters"),
+        (_fake_context([0, 0, 1, 1], batch_size=8, world_size=2), "one process"),
+        (_fake_context([0, 0, 1, 1], batch_size=12), "pass --batch-size 32"),
+        (_fake_context([0, 0, 0, 0], batch_size=32), "needs 7 impostor clusters"),
     ],
 )
 def test_setup_rejects_what_magnet_cannot_train(trainer, message) -> None:

@@ -134,6 +134,35 @@ def save_untrained_artifact(
     return save_artifact(directory, model, card, extra_tensors=extra_tensors)
 
 
+def export_pretrained(
+    directory: Path,
+    backbone: str = "efficientnet_lite0",
+    *,
+    image_size: int = 224,
+    test_crop_pct: float = 0.875,
+    pooling: str = "avg",
+) -> EmbeddingModel:
+    """The ImageNet-pretrained backbone's pooled features (no head, untrained) as a model
+    artifact at `directory`, with the backbone's own preprocessing: `lookalike pretrained` and
+    the service's built-in model. Returns the model written."""
+    model = EmbeddingModel(ModelSpec(backbone=backbone, pooling=pooling, head="identity"))
+    info = model.backbone_info
+    card = ModelCard(
+        architecture=model.spec,
+        embedding_dim=model.embedding_dim,
+        preprocessing=Preprocessing(
+            image_size=image_size,
+            test_crop_pct=test_crop_pct,
+            interpolation=info.interpolation,
+            mean=info.mean,
+            std=info.std,
+        ),
+        method={"name": "pretrained", "params": {"weights": "imagenet"}},
+    )
+    save_artifact(directory, model, card)
+    return model
+
+
 def read_card(directory: Path) -> ModelCard:
     directory = Path(directory)
     card_path = directory / CARD_FILE
@@ -161,8 +190,6 @@ def load_model(directory: Path) -> tuple[EmbeddingModel, ModelCard, dict[str, to
         ) from error
     extras = {k[len(EXTRA_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-    import training.methods  # noqa: F401  (registers the heads that methods add)
-
     model = EmbeddingModel(card.architecture, weights="none")
     try:
         model.load_state_dict(state, strict=True)

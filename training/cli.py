@@ -213,16 +213,9 @@ def train(
 
 
 def _load_split(data: str, split: str, max_classes: int | None):
-    from training.data.image_dataset import drop_unreadable
-    from training.data.readers import load_dataset
+    from training.evaluation.embed import load_split
 
-    dataset = load_dataset(data)
-    if split not in ("train", "test"):
-        raise ValueError(f"--split must be train or test, got {split!r}")
-    chosen = getattr(dataset, split)
-    if max_classes:
-        chosen = chosen.select_classes(chosen.class_names[:max_classes])
-    chosen, skipped = drop_unreadable(chosen)
+    chosen, skipped = load_split(data, split, max_classes)
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} unreadable images[/]")
     return chosen
@@ -319,24 +312,11 @@ def pretrained(
 ) -> None:
     """Export the ImageNet-pretrained backbone (pooled features, untrained) as a model artifact."""
     check_output_dir(out, "OUT", must_be_empty=not force)
-    from training.checkpoint import ModelCard, Preprocessing, save_artifact
-    from training.models.embedding import EmbeddingModel, ModelSpec
+    from training.checkpoint import export_pretrained
 
-    model = EmbeddingModel(ModelSpec(backbone=backbone, pooling=pooling, head="identity"))
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=model.embedding_dim,
-        preprocessing=Preprocessing(
-            image_size=image_size,
-            test_crop_pct=test_crop_pct,
-            interpolation=info.interpolation,
-            mean=info.mean,
-            std=info.std,
-        ),
-        method={"name": "pretrained", "params": {"weights": "imagenet"}},
+    model = export_pretrained(
+        out, backbone, image_size=image_size, test_crop_pct=test_crop_pct, pooling=pooling
     )
-    save_artifact(out, model, card)
     console.print(f"wrote pretrained {backbone} ({model.embedding_dim}-d) to {out}")
 
 

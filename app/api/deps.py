@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.services.jobs.broker import JobQueue
 from app.services.runtime import Runtime
 
 
@@ -25,8 +26,13 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+async def get_job_queue(request: Request) -> JobQueue:
+    return request.app.state.job_queue
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
 async def get_session(runtime: RuntimeDep) -> AsyncIterator[Session]:

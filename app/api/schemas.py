@@ -1,4 +1,5 @@
-"""Request and response bodies of the catalog and search routes (pydantic v2)."""
+"""Request and response bodies of every route (pydantic v2). The services' own input models
+(a job kind's parameters, `DatasetRequest`) live with the services that validate them."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from pydantic import (
 )
 
 from app.api import input_rules
-from app.db.models import Image
+from app.db.models import Dataset, Image
 from app.index_store import IndexType
 from app.services.filters import Filters, MetadataValue
 from app.services.galleries import GalleryInfo
 from app.services.images import UploadResult
+from app.services.jobs.registry import KINDS
 from app.services.search import Classification, Hit, SearchOutcome, Vote
 
 API = "/api/v1"
@@ -352,3 +354,77 @@ def parse_metadata_filter(text: str | None) -> dict[str, MetadataValue]:
     if not all(isinstance(v, MetadataValue) for v in value.values()):
         raise ValueError("metadata filter values must be strings, numbers or booleans")
     return value
+
+
+# ---------------------------------------------------------------------- datasets and jobs
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str = Field(description="ready, building (a worker builds it) or failed")
+    splits: dict[str, Any] | None = Field(description="classes and images per split")
+    job_id: int | None = Field(description="the job building it (icons, cjk)")
+    error: str | None
+    created_at: Timestamp
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        error = None
+        if dataset.status == "failed":
+            error = dataset.job.error if dataset.job else "its build job no longer exists"
+        return cls(
+            id=dataset.id,
+            name=dataset.name,
+            kind=dataset.kind,
+            status=dataset.status,
+            splits=dataset.summary,
+            job_id=dataset.job_id,
+            error=error,
+            created_at=dataset.created_at,
+        )
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(
+        description=", ".join(name for name, kind in KINDS.items() if kind.submittable)
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="; ".join(kind.description for kind in KINDS.values() if kind.submittable),
+    )
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    type: str
+    state: str = Field(description="queued, running, succeeded, failed or cancelled")
+    queue: str
+    params: dict[str, Any]
+    progress: float = Field(description="0 to 1")
+    epoch: int | None
+    step: int | None
+    total_steps: int | None
+    metrics: dict[str, Any] | None = Field(description="The latest metrics the job reported.")
+    eta: Timestamp | None = Field(description="Estimated completion time (UTC).")
+    error: str | None
+    result: dict[str, Any] | None = Field(
+        description="What the job produced; see each type's params description."
+    )
+    cancel_requested: bool
+    worker: str | None
+    heartbeat_at: Timestamp | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    celery_task_id: str | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    offset: int
+    limit: int

@@ -17,9 +17,13 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.models import Dataset
-from app.db.models.jobs import BUILT_KINDS, DatasetKind, JobType
+from app.db.models.jobs import BUILT_KINDS, DatasetKind
 from app.services.errors import Conflict, Invalid, NotFound
-from app.services.jobs import DatasetParams, JobQueue, create, fail_lost_jobs, folder_under_root
+from app.services.jobs import dataset as dataset_job
+from app.services.jobs.base import folder_under_root
+from app.services.jobs.broker import JobQueue
+from app.services.jobs.lifecycle import fail_lost_jobs
+from app.services.jobs.submission import create
 
 
 class DatasetRequest(BaseModel):
@@ -82,11 +86,11 @@ def _queue_build(
     session.add(dataset)
     session.flush()
     dataset.path = str((settings.datasets_dir / f"{dataset.id}-{request.kind}").resolve())
-    params = DatasetParams(
+    params = dataset_job.DatasetParams(
         dataset_id=dataset.id, size=request.size, max_classes=request.max_classes
     )
     try:
-        job = create(session, settings, queue, JobType.dataset, params)  # commits both rows
+        job = create(session, settings, queue, dataset_job.TYPE, params)  # commits both rows
     except BaseException:
         session.execute(delete(Dataset).where(Dataset.id == dataset.id))
         session.commit()

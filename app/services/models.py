@@ -152,11 +152,12 @@ def ensure_builtin(session: Session, settings: Settings) -> Model:
     model = session.scalar(select(Model).where(Model.name == BUILTIN_MODEL))
     if model is not None:
         return model
-    from training.cli import pretrained
+    from training.checkpoint import export_pretrained
 
     staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
     try:
-        pretrained(staging)
+        logger.info("building the built-in model %s", BUILTIN_MODEL)
+        export_pretrained(staging)
         return _register_staged(session, settings, staging, BUILTIN_MODEL, builtin=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

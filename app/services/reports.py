@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.models import Dataset, Job, Model
-from app.db.models.jobs import JobState, JobType
+from app.db.models.jobs import JobState
 from app.services.errors import Invalid, NotFound
+from app.services.jobs import evaluate as evaluate_kind
+from app.services.jobs import train as train_kind
 from app.services.models import artifact_dir, get_model
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def _flat_metrics(values: Any) -> dict[str, float]:
 def _train_job(session: Session, model_id: int) -> Job | None:
     jobs = session.scalars(
         select(Job)
-        .where(Job.type == JobType.train, Job.state == JobState.succeeded)
+        .where(Job.type == train_kind.TYPE, Job.state == JobState.succeeded)
         .order_by(Job.id.desc())
     )
     return next((j for j in jobs if (j.result or {}).get("model_id") == model_id), None)
@@ -186,7 +188,7 @@ def build_report(session: Session, model_id: int, dataset_id: int | None = None)
     if dataset is not None:
         evaluations = session.scalars(
             select(Job)
-            .where(Job.type == JobType.evaluate, Job.state == JobState.succeeded)
+            .where(Job.type == evaluate_kind.TYPE, Job.state == JobState.succeeded)
             .order_by(Job.id.desc())
         )
         seen = set()
@@ -294,13 +296,10 @@ def tsne_points(settings: Settings, report: Report, split: str) -> dict[str, Any
 def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[str, Any]:
     from sklearn.manifold import TSNE
 
-    from training.data.image_dataset import drop_unreadable
-    from training.data.readers import load_dataset
-    from training.evaluation.embed import embed_split_with_artifact
+    from training.evaluation.embed import embed_split_with_artifact, load_split
 
     assert report.dataset is not None
-    split = getattr(load_dataset(report.dataset.spec), split_name)
-    split, _ = drop_unreadable(split)
+    split, _ = load_split(report.dataset.spec, split_name)
     if len(split) < 5:
         raise Invalid(f"the {split_name} split has {len(split)} images: too few for a map")
     if len(split) > TSNE_MAX_POINTS:  # a random sample keeps every class's share

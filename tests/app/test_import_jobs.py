@@ -19,11 +19,11 @@ from sqlalchemy.exc import DataError
 from app.core.config import Settings
 from app.db.models import Image, Job
 from app.services.galleries import create_gallery
-from app.services.jobs import ARCHIVE_FILE, job_dir
+from app.services.jobs.base import ARCHIVE_FILE, job_dir
+from app.services.jobs.imports import body as import_body
+from app.services.jobs.lifecycle import execute, without_server_paths
 from app.services.models import register_path
 from app.services.runtime import Runtime
-from app.worker.runner import execute, without_server_paths
-from app.worker.tasks import import_body
 from tests.app.conftest import migrated_runtime, png, worker_settings
 
 

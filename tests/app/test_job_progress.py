@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from app.db.models import Job
-from app.services.jobs import now
+from app.services.jobs.base import now
+from app.services.jobs.lifecycle import JobRun, claim
+from app.services.jobs.train import training_reporter
 from app.services.runtime import Runtime
-from app.worker.runner import JobRun, claim
-from app.worker.tasks import training_reporter
 from tests.app.conftest import migrated_runtime, worker_settings
 
 

@@ -27,9 +27,9 @@ from app.core.config import Settings
 from app.db.models import Job
 from app.local import serve_processes, settings_env
 from app.main import create_app
-from app.services.jobs import fail_lost_jobs, fail_worker_jobs, now
+from app.services.jobs.base import now
+from app.services.jobs.lifecycle import claim, fail_lost_jobs, fail_worker_jobs
 from app.services.runtime import Runtime
-from app.worker.runner import claim
 from tests.app.conftest import migrated_runtime, png, worker_settings
 from tests.conftest import free_port, write_image_folder
 
@@ -611,7 +611,7 @@ def test_a_train_job_without_method_or_preset_trains_the_recommended_preset(tmp_
     """The best method measured for the dataset's kind of data (docs/results.md), unless the
     request names a method or a preset."""
     from app.db.models import Dataset
-    from app.services.jobs import TrainParams, train_config
+    from app.services.jobs.train import TrainParams, train_config
     from training.data.benchmarks.common import write_manifest
 
     icons = tmp_path / "icons"

@@ -210,7 +210,7 @@ def test_compose_variables_are_documented_in_env_example() -> None:
 
 @pytest.mark.parametrize("files", VARIANTS.values(), ids=VARIANTS.keys())
 def test_workers_parse_with_the_real_cli_and_serve_every_queue(files: tuple[Path, ...]) -> None:
-    from app.worker import celery_app as worker_module
+    from app.services.jobs.registry import QUEUES
 
     group = lookalike_cli()
     served: set[str] = set()
@@ -235,7 +235,7 @@ def test_workers_parse_with_the_real_cli_and_serve_every_queue(files: tuple[Path
             assert str(option(ctx, "concurrency")) == "1", name
             assert str(option(ctx, "pool")) == "solo", name
     assert workers >= 2
-    assert served == set(worker_module.QUEUE_OF_TYPE.values())
+    assert served == set(QUEUES)
 
 
 @pytest.mark.parametrize("variant", ["gpu-milvus", "cpu-milvus"])

@@ -384,4 +384,4 @@ def test_replicas_starting_together_migrate_and_seed_once(tmp_path: Path, databa
     ).get_current_head()
     assert version == head
     assert builtins == 1
-    assert sum("wrote pretrained" in output for output in outputs) == 1  # built once
+    assert sum("building the built-in model" in output for output in outputs) == 1  # once

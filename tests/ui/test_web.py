@@ -21,7 +21,7 @@ import pytest
 
 from app.core.config import Settings
 from app.local import serve_processes
-from app.worker.celery_app import GPU_QUEUE
+from app.services.jobs.base import GPU_QUEUE
 from tests.app.conftest import png, worker_settings
 from tests.conftest import free_port
 

@@ -52,6 +52,7 @@ from training.evaluation.embed import compute_embeddings, embed_split_with_artif
 from training.evaluation.metrics import evaluate_embeddings
 from training.fsutil import OutputPathError, check_output_dir
 from training.methods import Batch, Method, build_method
+from training.methods.base import TrainingContext
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,19 @@ class Trainer:
             1, len(train) // cfg.batch_size // self.world_size
         )
         self.total_iterations = cfg.iterations or self.iterations_per_epoch * (cfg.epochs or 20)
-        self.method.setup(self)
+        self.context = TrainingContext(
+            cfg=cfg,
+            model=self.model,
+            train=train,
+            transform=self.transform,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            iterations_per_epoch=self.iterations_per_epoch,
+            total_iterations=self.total_iterations,
+            report_phase=self.report_phase,
+        )
+        self.method.setup(self.context)
         self.method.to(self.device)
         self.step_module: nn.Module = TrainStep(self.model, self.method)
         if self.distributed:
@@ -338,7 +351,7 @@ class Trainer:
 
     def _train_loader(self) -> tuple[DataLoader, SeededBatches]:
         cfg = self.cfg
-        sampler = self.method.batch_sampler(self) or PKBatchSampler(
+        sampler = self.method.batch_sampler(self.context) or PKBatchSampler(
             self.data.train.labels,
             classes_per_batch=cfg.classes_per_batch,
             samples_per_class=cfg.samples_per_class,
@@ -402,7 +415,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
-        self.iteration = state["iteration"]
+        self.iteration = self.context.iteration = state["iteration"]
         self.elapsed = state["elapsed"]
         self.best = state["best"]
         self.history = state["history"]
@@ -500,7 +513,7 @@ class Trainer:
         loader, batches = self._train_loader()
         self._started = self.clock() - self.elapsed  # the budget's clock runs from here
         if not resumed:
-            self.method.on_train_start(self)
+            self.method.on_train_start(self.context)
         stop = self._out_of_budget()
         if stop:
             log.warning(
@@ -517,7 +530,7 @@ class Trainer:
         while not stop and self.iteration < self.total_iterations:
             if self.batch_in_epoch == 0:
                 epoch_started = self.clock()
-                self.method.on_epoch_start(self, self.epoch)
+                self.method.on_epoch_start(self.context, self.epoch)
                 self._epoch_start_s = self.clock() - epoch_started
             batches.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             epoch_log = self._run_epoch(loader)
@@ -557,7 +570,8 @@ class Trainer:
             images_seen += len(labels)
             self.iteration += 1
             self.batch_in_epoch += 1
-            self.method.on_step_end(self)
+            self.context.iteration = self.iteration
+            self.method.on_step_end(self.context)
             step_ended = self.clock()
             step_s += step_ended - fetched
             self._train_s += step_ended - fetch_started

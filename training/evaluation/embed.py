@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.data.image_dataset import ImageDataset
+from training.data.image_dataset import ImageDataset, drop_unreadable
+from training.data.readers import load_dataset
 from training.data.records import Split
 from training.data.transforms import TransformConfig, build_test_transform
 from training.models.embedding import EmbeddingModel
@@ -59,6 +60,20 @@ def compute_embeddings(
         model.train(was_training)
     embeddings = torch.cat(chunks).numpy() if chunks else np.zeros((0, model.embedding_dim))
     return embeddings.astype(np.float32, copy=False), np.asarray(split.labels, dtype=np.int64)
+
+
+def load_split(
+    spec: str, split: str, max_classes: int | None = None
+) -> tuple[Split, list[tuple[Path, str]]]:
+    """The split that evaluation embeds, the same for `lookalike evaluate`/`embed`, the service's
+    evaluate jobs and its reports: `split` ("train" or "test") of the dataset `spec`, its first
+    `max_classes` classes, and the unreadable images dropped (returned: callers report them)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"the split must be train or test, got {split!r}")
+    chosen = getattr(load_dataset(spec), split)
+    if max_classes:
+        chosen = chosen.select_classes(chosen.class_names[:max_classes])
+    return drop_unreadable(chosen)
 
 
 def embed_split_with_artifact(

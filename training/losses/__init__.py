@@ -11,25 +11,29 @@ from typing import Any
 
 from torch import nn
 
-from training.losses import diva_miners  # noqa: F401  (registers DiVA's miners in MINERS)
 from training.losses.contrastive import ContrastiveLoss
 from training.losses.margin import MarginLoss
-from training.losses.miners import MINERS, TripletMiner, build_from_registry, build_miner
+from training.losses.miners import TripletMiner
+from training.losses.mining import MINERS, build_miner
 from training.losses.npair import NPairLoss
 from training.losses.triplet import TripletLoss
+from training.registry import Registry
 
-LOSSES: dict[str, type[nn.Module]] = {
-    "triplet": TripletLoss,
-    "margin": MarginLoss,
-    "contrastive": ContrastiveLoss,
-    "npair": NPairLoss,
-}
+LOSSES: Registry[nn.Module] = Registry(
+    "loss",
+    {
+        "triplet": TripletLoss,
+        "margin": MarginLoss,
+        "contrastive": ContrastiveLoss,
+        "npair": NPairLoss,
+    },
+)
 
 
 def build_loss(name: str, *, num_classes: int, embedding_dim: int, **params: Any) -> nn.Module:
     """A loss from `LOSSES` by name; `num_classes` and `embedding_dim` reach those that use them."""
     context = {"num_classes": num_classes, "embedding_dim": embedding_dim}
-    return build_from_registry(LOSSES, "loss", name, params, context)
+    return LOSSES.build(name, params, context)
 
 
 __all__ = [

@@ -2,8 +2,8 @@
 
 All three ignore what the true labels mean beyond equality, which is the point: the shared task
 learns features that cut across classes, the intra-class task features that vary within one.
-Importing this module registers them in `MINERS` as `random_distance`, `shared_neg_distance`
-and `intra_random`, the names DiVA's code uses.
+`training.losses.mining.MINERS` names them `random_distance`, `shared_neg_distance` and
+`intra_random`, as DiVA's code does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from training.losses.miners import MINERS, DistanceWeightedMiner, TripletMiner, Triplets
+from training.losses.miners import DistanceWeightedMiner, TripletMiner, Triplets
 
 
 class RandomPermutedDistanceMiner(DistanceWeightedMiner):
@@ -73,8 +73,3 @@ class IntraClassRandomMiner(TripletMiner):
         drawn = torch.multinomial(members, 3, replacement=True, generator=self.generator)
         anchors, positives, negatives = drawn.unbind(dim=1)
         return anchors, positives, negatives
-
-
-MINERS["random_distance"] = RandomPermutedDistanceMiner
-MINERS["shared_neg_distance"] = SharedNegativeDistanceMiner
-MINERS["intra_random"] = IntraClassRandomMiner

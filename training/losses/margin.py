@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.losses.miners import MinerFn, Triplets, build_miner
+from training.losses.miners import MinerFn, Triplets
+from training.losses.mining import build_miner
 
 
 class MarginLoss(nn.Module):

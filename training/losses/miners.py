@@ -9,11 +9,10 @@ given their own `generator`, which must live on the embeddings' device.
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -144,47 +143,3 @@ class BatchHardMiner(TripletMiner):
 
     def mine(self, embeddings: Tensor, labels: Tensor) -> Triplets:
         return self._miner(embeddings, labels)
-
-
-MINERS: dict[str, type[TripletMiner]] = {
-    "distance": DistanceWeightedMiner,
-    "random": RandomMiner,
-    "semihard": SemiHardMiner,
-    "batch_hard": BatchHardMiner,
-}
-
-
-def build_from_registry(
-    registry: Mapping[str, Callable[..., T]],
-    kind: str,
-    name: str,
-    params: Mapping[str, Any],
-    context: Mapping[str, Any] | None = None,
-) -> T:
-    """Instantiate `registry[name]` with `params`, failing with a message that lists the choices.
-
-    `context` values (e.g. `num_classes`) go only to constructors that declare them, so every
-    entry can be built with the same call.
-    """
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(registry))}")
-    factory = registry[name]
-    accepted = [
-        parameter.name
-        for parameter in inspect.signature(factory).parameters.values()
-        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-    ]
-    context = {key: value for key, value in (context or {}).items() if key in accepted}
-    settable = [parameter for parameter in accepted if parameter not in context]
-    unknown = sorted(set(params) - set(settable))
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)} for {kind} {name!r}; "
-            f"accepted: {', '.join(settable) or '(none)'}"
-        )
-    return factory(**context, **params)
-
-
-def build_miner(name: str, **params: Any) -> TripletMiner:
-    """A miner from `MINERS` by name, e.g. `build_miner("distance", lower_cutoff=0.5)`."""
-    return build_from_registry(MINERS, "miner", name, params)

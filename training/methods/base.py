@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from training.registry import Registry
+
 if TYPE_CHECKING:
-    from training.engine.trainer import Trainer
+    from training.config import TrainConfig
+    from training.data.records import Split
+    from training.data.transforms import TransformConfig
     from training.models.embedding import EmbeddingModel
 
 
@@ -21,6 +25,25 @@ class Batch:
     images: list[torch.Tensor]
     labels: torch.Tensor
     indices: torch.Tensor
+
+
+@dataclass
+class TrainingContext:
+    """What a method's hooks see of the run, rather than the whole Trainer: the config, the
+    model being trained, the training split and its transform, where it runs, how long the run
+    is, and a way to report a long phase (a queue fill embeds images for minutes)."""
+
+    cfg: TrainConfig
+    model: EmbeddingModel
+    train: Split
+    transform: TransformConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    iterations_per_epoch: int
+    total_iterations: int
+    report_phase: Callable[[str, int, int], None]
+    iteration: int = 0  # the iterations done so far, kept current by the trainer
 
 
 class Method(nn.Module):
@@ -53,18 +76,18 @@ class Method(nn.Module):
         return {"name": self.name, "params": self.params}
 
     # Hooks; the defaults do nothing.
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, run: TrainingContext) -> None:
         """Called once the model exists, before the optimiser is built and before a resumed
         run's state is loaded: create state that depends on the model (e.g. a momentum copy)."""
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, run: TrainingContext) -> None:
         """Called before the first iteration of a fresh run (not on resume)."""
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_epoch_start(self, run: TrainingContext, epoch: int) -> None: ...
 
-    def on_step_end(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, run: TrainingContext) -> None: ...
 
-    def batch_sampler(self, trainer: Trainer) -> Any | None:
+    def batch_sampler(self, run: TrainingContext) -> Any | None:
         """A method-specific batch sampler (Magnet's neighbourhood sampling); None = P x K."""
         return None
 
@@ -73,25 +96,17 @@ class Method(nn.Module):
         return {}
 
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+    """Class decorator: register a method under its `name`."""
+    return METHODS.register(cls.name)(cls)
 
 
 def build_method(name: str, *, num_classes: int, embedding_dim: int, **params: Any) -> Method:
     """A method by name; unknown names and hyperparameters are `ValueError`s naming the choices.
 
     Methods that take `**params` (the baselines) pass them on to a registry that checks them."""
-    from training.losses.miners import build_from_registry
-
     context = {"num_classes": num_classes, "embedding_dim": embedding_dim}
-    method_class = METHODS.get(name)
-    forwards_params = method_class is not None and any(
-        p.kind is p.VAR_KEYWORD for p in inspect.signature(method_class).parameters.values()
-    )
-    if forwards_params:
-        return method_class(**context, **params)
-    return build_from_registry(METHODS, "method", name, params, context)
+    return METHODS.build(name, params, context)

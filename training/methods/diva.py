@@ -13,10 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -31,16 +30,11 @@ from training.losses.diva_miners import (
 )
 from training.losses.margin import MarginLoss
 from training.losses.miners import DistanceWeightedMiner, MinerFn
-from training.methods.base import Batch, Method, register_method
-from training.models.embedding import register_head
-
-if TYPE_CHECKING:
-    from training.engine.trainer import Trainer
+from training.methods.base import Batch, Method, TrainingContext, register_method
+from training.models.heads import DIVA_HEAD_NAMES as HEAD_NAMES
 
 log = logging.getLogger(__name__)
 
-# The order of the test-time concatenation (DiVA diva_main.py).
-HEAD_NAMES = ("discriminative", "selfsimilarity", "shared", "intra")
 # (source, target): each auxiliary embedding is decorrelated from the discriminative one.
 DECORRELATIONS = (
     ("selfsimilarity", "discriminative"),
@@ -48,44 +42,6 @@ DECORRELATIONS = (
     ("intra", "discriminative"),
 )
 SHARING_MINERS = {"random": RandomPermutedDistanceMiner, "standard": SharedNegativeDistanceMiner}
-
-
-@register_head("diva")
-class DiVAHead(nn.Module):
-    """One linear embedding per DiVA task, each L2-normalised (DiVA architectures/).
-
-    `embedding`, the test-time output, is the weighted concatenation of the four in the order
-    of `HEAD_NAMES`, re-normalised, so its dimension is 4 x `embedding_dim`.
-    """
-
-    def __init__(
-        self,
-        feature_dim: int,
-        embedding_dim: int,
-        *,
-        # DiVA tried (0.75, 1.25, 1.25, 1.25), (0.5, 1, 1, 1), (0.5, 1.5, 1.5, 1.5) on CUB/CARS and
-        # (1, 1, 1, 1), (0.5, 1, 1, 1), (1, 0.5, 0.5, 0.5), (1.5, 1, 1, 1) on SOP (diva_main.py).
-        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-    ) -> None:
-        super().__init__()
-        if len(weights) != len(HEAD_NAMES):
-            raise ValueError(f"DiVA needs one weight per head {HEAD_NAMES}, got {weights}")
-        self.weights = tuple(float(weight) for weight in weights)
-        self.projections = nn.ModuleDict(
-            {name: nn.Linear(feature_dim, embedding_dim) for name in HEAD_NAMES}
-        )
-        self.embedding_dim = len(HEAD_NAMES) * embedding_dim
-
-    def forward(self, features: Tensor) -> dict[str, Tensor]:
-        outputs = {
-            name: F.normalize(projection(features), dim=-1)
-            for name, projection in self.projections.items()
-        }
-        weighted = [
-            weight * outputs[name] for name, weight in zip(HEAD_NAMES, self.weights, strict=True)
-        ]
-        outputs["embedding"] = F.normalize(torch.cat(weighted, dim=-1), dim=-1)
-        return outputs
 
 
 def gradient_norms(terms: dict[str, Tensor], features: Tensor) -> dict[str, Tensor]:
@@ -232,26 +188,26 @@ class DiVA(Method):
         return self
 
     # ---------------------------------------------------------------- hooks
-    def setup(self, trainer: Trainer) -> None:
-        key_model = copy.deepcopy(trainer.model).requires_grad_(False)
+    def setup(self, run: TrainingContext) -> None:
+        key_model = copy.deepcopy(run.model).requires_grad_(False)
         self.key_model = key_model.eval()
-        size = self.n_key_batches * trainer.cfg.batch_size
-        self.queue = torch.zeros(size, self.embedding_dim, device=trainer.device)
+        size = self.n_key_batches * run.cfg.batch_size
+        self.queue = torch.zeros(size, self.embedding_dim, device=run.device)
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self.fill_queue(trainer)
+    def on_train_start(self, run: TrainingContext) -> None:
+        self.fill_queue(run)
 
-    def on_step_end(self, trainer: Trainer) -> None:
+    def on_step_end(self, run: TrainingContext) -> None:
         if self._pending_keys is None:
             raise RuntimeError("on_step_end ran without a preceding training_step")
-        self.momentum_update(trainer.model)
+        self.momentum_update(run.model)
         self.enqueue(self._pending_keys)
         self._pending_keys = None
 
     # ---------------------------------------------------------------- training
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict]:
         if self.key_model is None:
-            raise RuntimeError("DiVA.setup(trainer) must run before training")
+            raise RuntimeError("DiVA.setup(run) must run before training")
         outputs = model(batch.images[0])
         with torch.no_grad():
             keys = self.key_model(batch.images[1])["selfsimilarity"].float()
@@ -297,7 +253,7 @@ class DiVA(Method):
         BatchNorm the key model would otherwise keep its initial statistics forever.
         """
         if self.key_model is None:
-            raise RuntimeError("DiVA.setup(trainer) must run before the momentum update")
+            raise RuntimeError("DiVA.setup(run) must run before the momentum update")
         pairs = [
             *zip(self.key_model.parameters(), online.parameters(), strict=True),
             *zip(self.key_model.buffers(), online.buffers(), strict=True),
@@ -314,7 +270,7 @@ class DiVA(Method):
         self.queue.copy_(torch.cat([self.queue, keys.to(self.queue)])[-len(self.queue) :])
 
     @torch.no_grad()
-    def fill_queue(self, trainer: Trainer) -> None:
+    def fill_queue(self, run: TrainingContext) -> None:
         """Fill the queue with key-model embeddings of `n_key_batches` training batches.
 
         The batches are an independent P x K draw (seed + 1, as DiVA fills its queue with a
@@ -324,37 +280,37 @@ class DiVA(Method):
         (which counts against the time budget).
         """
         if self.key_model is None:
-            raise RuntimeError("DiVA.setup(trainer) must run before the queue is filled")
-        cfg = trainer.cfg
+            raise RuntimeError("DiVA.setup(run) must run before the queue is filled")
+        cfg = run.cfg
         sampler = PKBatchSampler(
-            trainer.data.train.labels,
+            run.train.labels,
             classes_per_batch=cfg.classes_per_batch,
             samples_per_class=cfg.samples_per_class,
-            num_batches=self.n_key_batches * trainer.world_size,
+            num_batches=self.n_key_batches * run.world_size,
             seed=cfg.seed + 1,
-            rank=trainer.rank,
-            world_size=trainer.world_size,
+            rank=run.rank,
+            world_size=run.world_size,
         )
         loader = DataLoader(
-            ImageDataset(trainer.data.train, build_train_transform(trainer.transform)),
+            ImageDataset(run.train, build_train_transform(run.transform)),
             batch_sampler=sampler,
             num_workers=cfg.num_workers,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         autocast = torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=cfg.amp and trainer.device.type == "cuda"
+            "cuda", dtype=torch.bfloat16, enabled=cfg.amp and run.device.type == "cuda"
         )
         log.info("filling the DaNCE queue with %d keys", len(self.queue))
         keys = []
         filled = 0
-        trainer.report_phase("queue", filled, len(self.queue))
+        run.report_phase("queue", filled, len(self.queue))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             for images, _, _ in loader:
-                images = images.to(trainer.device).contiguous(memory_format=memory_format)
+                images = images.to(run.device).contiguous(memory_format=memory_format)
                 with autocast:
                     keys.append(self.key_model(images)["selfsimilarity"].float())
                 filled += len(images)
-                trainer.report_phase("queue", filled, len(self.queue))
+                run.report_phase("queue", filled, len(self.queue))
         self.queue.copy_(torch.cat(keys))

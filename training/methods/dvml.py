@@ -17,65 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from training.losses import build_loss
-from training.methods.base import Batch, Method, register_method
-from training.models.embedding import register_head
+from training.methods.base import Batch, Method, TrainingContext, register_method
 
 if TYPE_CHECKING:
-    from training.engine.trainer import Trainer
     from training.models.embedding import EmbeddingModel
 
 LOSS_TERMS = ("kl", "rec", "syn", "inv")
-
-
-@register_head("dvml")
-class DVMLHead(nn.Module):
-    """Invariant encoder, variance encoder and decoder (Lin et al. 2018).
-
-    `forward` is deterministic: it returns `embedding` = z_I (the test-time embedding) and
-    the variance code's `mean` and `log_variance`; sampling z_V is the training step's job, so
-    retrieval never sees noise (ujjwaltiwari's evaluate.py adds a z_V sample; not copied).
-    The encoders are single linear layers as in ujjwaltiwari's models/dvml.py (GeDML's
-    [1024, 512] MLP is the same map). The decoder is ujjwaltiwari's Linear -> Tanh -> Linear
-    (models/dvml.py), chosen over GeDML's BN-MLP so that reconstructing the T x B synthesised
-    rows of phase 2 does not depend on batch statistics.
-
-    `detach_variance_input` (not in the paper, off by default) feeds the variance encoder
-    h.detach(): the KL and the z_V sample then train only that encoder and cannot shrink the
-    backbone features, the cause of DVML's first-epoch collapse on IconThemes
-    (docs/results.md). Test-time outputs are the same either way.
-    """
-
-    def __init__(
-        self,
-        feature_dim: int,
-        embedding_dim: int,
-        *,
-        decoder_hidden_dim: int = 512,  # ujjwaltiwari: Linear(512, 512) -> Tanh (models/dvml.py)
-        detach_variance_input: bool = False,
-    ) -> None:
-        super().__init__()
-        self.invariant = nn.Linear(feature_dim, embedding_dim)
-        self.mean = nn.Linear(feature_dim, embedding_dim)
-        self.log_variance = nn.Linear(feature_dim, embedding_dim)
-        self.decoder = nn.Sequential(
-            nn.Linear(embedding_dim, decoder_hidden_dim),
-            nn.Tanh(),
-            nn.Linear(decoder_hidden_dim, feature_dim),
-        )
-        self.embedding_dim = embedding_dim
-        self.detach_variance_input = detach_variance_input
-
-    def forward(self, features: Tensor) -> dict[str, Tensor]:
-        variance_input = features.detach() if self.detach_variance_input else features
-        return {
-            "embedding": self.invariant(features),
-            "mean": self.mean(variance_input),
-            "log_variance": self.log_variance(variance_input),
-        }
-
-    def decode(self, latent: Tensor) -> Tensor:
-        """Reconstruct backbone features from (synthesised) latent codes."""
-        return self.decoder(latent)
 
 
 class StandardNormalKL(nn.Module):
@@ -218,12 +165,12 @@ class DVMLMethod(Method):
         """The phase of the 0-based `iteration`: 1 for the first floor(fraction x total)."""
         return 1 if iteration < int(self.phase1_fraction * total_iterations) else 2
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, run: TrainingContext) -> None:
         # A fresh run starts at iteration 0; a resumed run then loads its saved phase.
-        self.phase.fill_(self.phase_at(0, trainer.total_iterations))
+        self.phase.fill_(self.phase_at(0, run.total_iterations))
 
-    def on_step_end(self, trainer: Trainer) -> None:
-        self.phase.fill_(self.phase_at(trainer.iteration, trainer.total_iterations))
+    def on_step_end(self, run: TrainingContext) -> None:
+        self.phase.fill_(self.phase_at(run.iteration, run.total_iterations))
 
     def training_step(self, model: EmbeddingModel, batch: Batch) -> tuple[Tensor, dict]:
         phase = int(self.phase)

@@ -32,10 +32,9 @@ from torch.utils.data import Sampler
 from training.evaluation.cluster_classifier import ClusterClassifier
 from training.evaluation.embed import compute_embeddings
 from training.losses.magnet import MagnetLoss
-from training.methods.base import Batch, Method, register_method
+from training.methods.base import Batch, Method, TrainingContext, register_method
 
 if TYPE_CHECKING:
-    from training.engine.trainer import Trainer
     from training.models.embedding import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -373,25 +372,25 @@ class MagnetMethod(Method):
     def batch_size(self) -> int:
         return self.clusters_per_batch * self.examples_per_cluster
 
-    def setup(self, trainer: Trainer) -> None:
-        if trainer.world_size > 1:
+    def setup(self, run: TrainingContext) -> None:
+        if run.world_size > 1:
             raise ValueError(
                 "magnet trains in one process only: its cluster index and loss cache are not "
                 "shared between ranks; run without torchrun"
             )
-        if trainer.cfg.batch_size != self.batch_size:
+        if run.cfg.batch_size != self.batch_size:
             raise ValueError(
                 f"magnet batches hold clusters_per_batch x examples_per_cluster = "
                 f"{self.clusters_per_batch} x {self.examples_per_cluster} = {self.batch_size} "
-                f"images, but batch_size is {trainer.cfg.batch_size}; pass --batch-size "
+                f"images, but batch_size is {run.cfg.batch_size}; pass --batch-size "
                 f"{self.batch_size} or change --param clusters_per_batch / examples_per_cluster"
             )
-        train = trainer.data.train
+        train = run.train
         self.index = ClusterIndex(
             train.labels,
             num_classes=train.num_classes,
             clusters_per_class=self.clusters_per_class,
-            dim=trainer.model.embedding_dim,
+            dim=run.model.embedding_dim,
             min_cluster_size=self.min_cluster_size,
         )
         clusters_of_class = torch.bincount(self.index.cluster_labels)
@@ -403,22 +402,22 @@ class MagnetMethod(Method):
             )
         self.class_names = list(train.class_names)
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, run: TrainingContext, epoch: int) -> None:
         if not bool(self.cluster_index.fitted) or epoch % self.refresh_every_epochs == 0:
-            self.refresh(trainer)
+            self.refresh(run)
         self.cluster_index.update_seed_weights()
 
-    def refresh(self, trainer: Trainer) -> None:
+    def refresh(self, run: TrainingContext) -> None:
         """Re-embed the training set (test transform) and re-cluster it."""
         started = time.perf_counter()
-        cfg = trainer.cfg
+        cfg = run.cfg
         embeddings, labels = compute_embeddings(
-            trainer.model,
-            trainer.data.train,
-            trainer.transform,
+            run.model,
+            run.train,
+            run.transform,
             batch_size=cfg.eval_batch_size,
             num_workers=cfg.num_workers,
-            device=trainer.device,
+            device=run.device,
             channels_last=cfg.channels_last,
         )
         self.cluster_index.fit(
@@ -434,13 +433,13 @@ class MagnetMethod(Method):
             time.perf_counter() - started,
         )
 
-    def batch_sampler(self, trainer: Trainer) -> MagnetBatchSampler:
+    def batch_sampler(self, run: TrainingContext) -> MagnetBatchSampler:
         return MagnetBatchSampler(
             self.cluster_index,
             clusters_per_batch=self.clusters_per_batch,
             examples_per_cluster=self.examples_per_cluster,
-            num_batches=trainer.iterations_per_epoch,
-            seed=trainer.cfg.seed,
+            num_batches=run.iterations_per_epoch,
+            seed=run.cfg.seed,
         )
 
     def training_step(self, model: EmbeddingModel, batch: Batch) -> tuple[Tensor, dict]:
@@ -461,7 +460,7 @@ class MagnetMethod(Method):
     @property
     def cluster_index(self) -> ClusterIndex:
         if self.index is None:
-            raise RuntimeError("the Magnet method has no cluster index before setup(trainer)")
+            raise RuntimeError("the Magnet method has no cluster index before setup(run)")
         return self.index
 
     def classifier(self, L: int = 8) -> ClusterClassifier:

@@ -1,13 +1,12 @@
 """Backbone + pooling + head: the network every method trains and the service runs.
 
 The architecture is described by a plain dict (`ModelSpec.to_dict()`), stored in the
-checkpoint card, so a model can be rebuilt from its artifact alone. Method-specific heads
-(DiVA's four heads, DVML's encoders, ...) register themselves in `HEADS` by name.
+checkpoint card, so a model can be rebuilt from its artifact alone; the heads, by name, are in
+`training.models.heads`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -16,43 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from training.models.backbones import BackboneInfo, build_backbone
-
-
-class LinearHead(nn.Module):
-    """One linear projection to the embedding (Wu et al. 2017, Sec. 5: a single FC layer)."""
-
-    def __init__(self, feature_dim: int, embedding_dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(feature_dim, embedding_dim)
-        self.embedding_dim = embedding_dim
-
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"embedding": self.fc(features)}
-
-
-class IdentityHead(nn.Module):
-    """No head: the pooled backbone features are the embedding (the untrained baseline)."""
-
-    def __init__(self, feature_dim: int, embedding_dim: int = 0) -> None:
-        super().__init__()
-        self.embedding_dim = feature_dim
-
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"embedding": features}
-
-
-HeadFactory = Callable[..., nn.Module]
-HEADS: dict[str, HeadFactory] = {"linear": LinearHead, "identity": IdentityHead}
-
-
-def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
-    """Class decorator that makes a head constructible from a checkpoint card by name."""
-
-    def decorate(factory: HeadFactory) -> HeadFactory:
-        HEADS[name] = factory
-        return factory
-
-    return decorate
+from training.models.heads import HEADS
 
 
 class ModelSpec(BaseModel):
@@ -73,11 +36,10 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, spec: ModelSpec, weights: str = "imagenet") -> None:
         super().__init__()
-        if spec.head not in HEADS:
-            raise ValueError(f"unknown head {spec.head!r}; known: {', '.join(sorted(HEADS))}")
+        head = HEADS[spec.head]  # an unknown name is a ValueError listing the choices
         self.spec = spec
         self.backbone, self.info = build_backbone(spec.backbone, weights)
-        self.head = HEADS[spec.head](self.info.feature_dim, spec.embedding_dim, **spec.head_options)
+        self.head = head(self.info.feature_dim, spec.embedding_dim, **spec.head_options)
         self.embedding_dim: int = self.head.embedding_dim
 
     @property

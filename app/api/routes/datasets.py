@@ -3,46 +3,14 @@ benchmark a worker builds), list, show."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 
-from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
-from app.api.routes.jobs import JobQueueDep
-from app.api.schemas import API, Id, Timestamp
-from app.db.models import Dataset
+from app.api.deps import JobQueueDep, ReadAccess, SessionDep, SettingsDep, WriteAccess
+from app.api.schemas import API, DatasetOut, Id
 from app.services import datasets as service
 from app.services.datasets import DatasetRequest
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
-
-
-class DatasetOut(BaseModel):
-    id: int
-    name: str
-    kind: str
-    status: str = Field(description="ready, building (a worker builds it) or failed")
-    splits: dict[str, Any] | None = Field(description="classes and images per split")
-    job_id: int | None = Field(description="the job building it (icons, cjk)")
-    error: str | None
-    created_at: Timestamp
-
-    @classmethod
-    def of(cls, dataset: Dataset) -> DatasetOut:
-        error = None
-        if dataset.status == "failed":
-            error = dataset.job.error if dataset.job else "its build job no longer exists"
-        return cls(
-            id=dataset.id,
-            name=dataset.name,
-            kind=dataset.kind,
-            status=dataset.status,
-            splits=dataset.summary,
-            job_id=dataset.job_id,
-            error=error,
-            created_at=dataset.created_at,
-        )
 
 
 @router.post(

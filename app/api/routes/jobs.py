@@ -3,34 +3,20 @@ see docs/jobs.md."""
 
 from __future__ import annotations
 
-import threading
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import ReadAccess, SessionDep, SettingsDep, WriteAccess
-from app.api.schemas import API, MAX_INT, Id, ListOffset, Timestamp
+from app.api.deps import JobQueueDep, ReadAccess, SessionDep, SettingsDep, WriteAccess
+from app.api.schemas import API, MAX_INT, Id, JobCreate, JobOut, JobPage, ListOffset
 from app.db.models import Job
-from app.db.models.jobs import JobState, JobType
-from app.services import jobs as service
-from app.services.jobs import JobQueue
+from app.db.models.jobs import JobState
+from app.services.jobs import imports, lifecycle, submission
+from app.services.jobs.base import log_tail
+from app.services.jobs.registry import JobType
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-_queue_lock = threading.Lock()
-
-
-def get_job_queue(request: Request) -> JobQueue:
-    """The process's publisher, created on first use (the API starts without a broker)."""
-    state = request.app.state
-    with _queue_lock:
-        if getattr(state, "job_queue", None) is None:
-            state.job_queue = JobQueue(state.settings)
-        return state.job_queue
-
-
-JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -38,53 +24,6 @@ IdempotencyKey = Annotated[
         description="The same key returns the same job instead of starting another.",
     ),
 ]
-
-
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: str = Field(description="train, evaluate, index or import")
-    params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="train: dataset_id, method, preset, hyperparameters, model_name; "
-        "evaluate: model_id, dataset_id, split, max_classes; index: gallery_id, model_id, "
-        "index_type; import: gallery_id, folder, label_from_folder",
-    )
-
-
-class JobOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: int
-    type: str
-    state: str = Field(description="queued, running, succeeded, failed or cancelled")
-    queue: str
-    params: dict[str, Any]
-    progress: float = Field(description="0 to 1")
-    epoch: int | None
-    step: int | None
-    total_steps: int | None
-    metrics: dict[str, Any] | None = Field(description="The latest metrics the job reported.")
-    eta: Timestamp | None = Field(description="Estimated completion time (UTC).")
-    error: str | None
-    result: dict[str, Any] | None = Field(
-        description="train: model_id and metrics; evaluate: metrics; index: index_version; "
-        "import: counts and per-file results"
-    )
-    cancel_requested: bool
-    worker: str | None
-    heartbeat_at: Timestamp | None
-    created_at: Timestamp
-    started_at: Timestamp | None
-    finished_at: Timestamp | None
-    celery_task_id: str | None
-
-
-class JobPage(BaseModel):
-    items: list[JobOut]
-    total: int
-    offset: int
-    limit: int
 
 
 def _accepted(job: Job, response: Response) -> JobOut:
@@ -103,7 +42,7 @@ def submit_job(
 ) -> JobOut:
     """Validate and queue a job; 202 with the job and its `Location`. Invalid requests are
     answered at once (4xx), a missing broker with 503."""
-    job = service.submit(
+    job = submission.submit(
         session, settings, queue, body.type, body.params, idempotency_key=idempotency_key
     )
     return _accepted(job, response)
@@ -122,14 +61,14 @@ def submit_import(
 ) -> JobOut:
     """Import the images of an uploaded archive into a gallery (an `import` job)."""
     params = {"gallery_id": gallery_id, "archive": True, "label_from_folder": label_from_folder}
-    job = service.submit(
+    job = submission.submit(
         session,
         settings,
         queue,
-        JobType.import_,
+        imports.TYPE,
         params,
         idempotency_key=idempotency_key,
-        archive=archive.file,
+        upload=archive.file,
     )
     return _accepted(job, response)
 
@@ -144,7 +83,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Newest first."""
-    jobs, total = service.list_jobs(
+    jobs, total = lifecycle.list_jobs(
         session, settings, job_type=type, state=state, offset=offset, limit=limit
     )
     return JobPage(
@@ -154,7 +93,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, dependencies=[ReadAccess])
 def get_job(job_id: Id, session: SessionDep, settings: SettingsDep) -> JobOut:
-    return JobOut.model_validate(service.get_job(session, settings, job_id))
+    return JobOut.model_validate(lifecycle.get_job(session, settings, job_id))
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, dependencies=[ReadAccess])
@@ -165,11 +104,12 @@ def job_logs(
     lines: Annotated[int, Query(ge=1, le=10_000)] = 200,
 ) -> str:
     """The last `lines` lines of the job's log (empty until a worker starts it)."""
-    return service.log_tail(settings, service.get_job(session, settings, job_id), lines)
+    job = lifecycle.get_job(session, settings, job_id)
+    return log_tail(settings, job.id, lines)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, dependencies=[WriteAccess])
 def cancel_job(job_id: Id, session: SessionDep, settings: SettingsDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (its state
     turns `cancelled` then). 409 when the job has already finished."""
-    return JobOut.model_validate(service.cancel(session, settings, job_id))
+    return JobOut.model_validate(lifecycle.cancel(session, settings, job_id))

@@ -18,14 +18,6 @@ from app.db.base import Base
 from app.db.models.catalog import utcnow
 
 
-class JobType(StrEnum):
-    train = "train"
-    evaluate = "evaluate"
-    index = "index"
-    import_ = "import"
-    dataset = "dataset"  # builds the icons/cjk benchmark; created by POST /datasets
-
-
 class JobState(StrEnum):
     queued = "queued"
     running = "running"
@@ -57,7 +49,7 @@ class Job(Base):
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    # Which worker runs it and when it last proved to be alive (see app/worker/runner.py).
+    # Which worker runs it and when it last proved to be alive (see app/services/jobs/lifecycle.py).
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,4 +1,7 @@
-"""The life of one job inside a worker: claim the row, beat, report, stop on cancel, finish.
+"""The job row's state machine: every transition of a job after it was queued.
+
+    queued --claim--> running --finish--> succeeded | failed | cancelled
+    queued --cancel--> cancelled            running --lost worker--> failed
 
 - Claim: `UPDATE jobs SET state='running' WHERE id=? AND state='queued'` in one statement, so a
   message delivered twice (broker redelivery, two consumers) runs the job at most once; a job
@@ -6,8 +9,8 @@
 - Heartbeat: a thread writes `heartbeat_at` (and any pending progress) every
   `Settings.job_heartbeat_s` and reads `cancel_requested`. A job whose heartbeat is older than
   `Settings.job_heartbeat_timeout_s` has lost its worker and is marked failed by
-  `app.services.jobs.fail_lost_jobs`; if this process is in fact still alive (stalled), its
-  next beat finds the row no longer running and stops the run, so a job never runs twice.
+  `fail_lost_jobs`; if this process is in fact still alive (stalled), its next beat finds the
+  row no longer running and stops the run, so a job never runs twice.
 - Cancel is cooperative: `should_stop()` turns true once the heartbeat has seen the flag; the
   job bodies check it between steps and raise `JobCancelled`.
 - Finish: the outcome is written only while this run still owns the row (running, under this
@@ -26,14 +29,14 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.models import Job
 from app.db.models.jobs import JobState
-from app.services.errors import ServiceError
-from app.services.jobs import LOG_FILE, job_dir, now
+from app.services.errors import Conflict, NotFound, ServiceError
+from app.services.jobs.base import ARCHIVE_FILE, LOG_FILE, job_dir, now
 from app.services.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -299,3 +302,117 @@ def execute(
                 error=f"internal error ({type(error).__name__}); the log of worker {worker} "
                 f"has the details (job {job.id})",
             )
+
+
+# ---------------------------------------------------------------------- API-side transitions
+def fail_lost_jobs(session: Session, settings: Settings) -> int:
+    """Mark running jobs whose worker stopped beating as failed (the killed-worker policy:
+    failed with a reason, never retried automatically); returns how many."""
+    cutoff = now() - timedelta(seconds=settings.job_heartbeat_timeout_s)
+    stale = session.execute(
+        select(Job.id, Job.worker, Job.heartbeat_at).where(
+            Job.state == JobState.running, Job.heartbeat_at < cutoff
+        )
+    ).all()
+    for job_id, worker, heartbeat in stale:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.running, Job.heartbeat_at < cutoff)
+            .values(
+                state=JobState.failed,
+                finished_at=now(),
+                eta=None,
+                error=(
+                    f"worker {worker} was lost: no heartbeat since {heartbeat:%Y-%m-%d %H:%M:%S} "
+                    f"UTC (timeout {settings.job_heartbeat_timeout_s:g} s). The job was not "
+                    "retried; submit it again"
+                ),
+            )
+        )
+    if stale:
+        session.commit()
+        log.warning("marked %d jobs failed: their workers were lost", len(stale))
+    return len(stale)
+
+
+def fail_job(session: Session, job_id: int, reason: str) -> None:
+    """Mark one running job failed (its worker process died)."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.running)
+        .values(state=JobState.failed, finished_at=now(), eta=None, error=reason)
+    )
+    session.commit()
+
+
+def fail_worker_jobs(session: Session, worker: str, reason: str) -> int:
+    """Mark the running jobs of one worker failed (it died or restarted); returns how many."""
+    failed = session.execute(
+        update(Job)
+        .where(Job.state == JobState.running, Job.worker == worker)
+        .values(state=JobState.failed, finished_at=now(), eta=None, error=reason)
+    ).rowcount
+    session.commit()
+    return failed
+
+
+def get_job(session: Session, settings: Settings, job_id: int) -> Job:
+    fail_lost_jobs(session, settings)
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist; GET /api/v1/jobs lists the jobs")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    settings: Settings,
+    *,
+    job_type: str | None,
+    state: str | None,
+    offset: int,
+    limit: int,
+) -> tuple[list[Job], int]:
+    fail_lost_jobs(session, settings)
+    where = []
+    if job_type is not None:
+        where.append(Job.type == job_type)
+    if state is not None:
+        where.append(Job.state == state)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    jobs = session.scalars(
+        select(Job).where(*where).order_by(Job.id.desc()).offset(offset).limit(limit)
+    ).all()
+    return list(jobs), total
+
+
+def cancel(session: Session, settings: Settings, job_id: int) -> Job:
+    """A queued job is cancelled at once (a worker that receives it later skips it); a running
+    one is asked to stop and becomes `cancelled` at its next step."""
+    job = get_job(session, settings, job_id)
+    cancelled_queued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.queued)
+        .values(
+            state=JobState.cancelled,
+            cancel_requested=True,
+            finished_at=now(),
+            error="cancelled before it started",
+        )
+    ).rowcount
+    if not cancelled_queued:
+        asked = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.running)
+            .values(cancel_requested=True)
+        ).rowcount
+        if not asked:
+            session.rollback()
+            raise Conflict(
+                f"job {job_id} is already {job.state}; only queued or running jobs can be cancelled"
+            )
+    session.commit()
+    if cancelled_queued:  # no worker will run it: its uploaded archive is not kept
+        (job_dir(settings, job_id) / ARCHIVE_FILE).unlink(missing_ok=True)
+    session.refresh(job)
+    return job
