@@ -33,6 +33,7 @@ train-icons: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The service tests that go through a gallery index run a second time on the milvus backend,
 # against one Milvus Lite server (docs/service.md, "Index backends").

@@ -236,8 +236,8 @@ def run_demo(
     except (Stopped, KeyboardInterrupt):
         typer.echo("stopped")
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def banner(url: str, api_key_note: str, client: Client) -> None:

@@ -504,9 +504,9 @@ class GalleryIndex:
         the index (or was removed) gets the new vector. Costly only in that case for HNSW (a
         rebuild)."""
         ids = _as_ids(ids)
-        vectors = normalised(vectors, self.dimension, "vectors") if len(ids) else None
-        if vectors is None:
+        if not len(ids):
             return
+        vectors = normalised(vectors, self.dimension, "vectors")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(np.unique(ids)) != len(ids):
@@ -557,6 +557,7 @@ class GalleryIndex:
             with self._lock.write():
                 for op, ids, op_vectors in self._oplog:
                     if op == "add":
+                        assert op_vectors is not None  # an add carries its vectors
                         self._add_locked(state, ids, op_vectors)
                     else:
                         self._remove_locked(state, ids)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -108,7 +109,7 @@ def resolved_index(
         params.setdefault("m", HNSW_M)
         params.setdefault("ef_search", DEFAULT_EF_SEARCH)
         params.setdefault("ef_construction", DEFAULT_EF_CONSTRUCTION)
-        integers = ("m", "ef_search", "ef_construction")
+        integers: tuple[str, ...] = ("m", "ef_search", "ef_construction")
     elif index_type is IndexType.ivfpq:
         nlist, m = ivfpq_shape(dimension, count, params)
         params.update(nlist=nlist, m=m)
@@ -337,7 +338,7 @@ class MilvusStore:
                     strict=True,
                 )
             ]
-            self._call(f"writing to {name}", lambda c, rows=rows: c.upsert(name, rows), name)
+            self._call(f"writing to {name}", partial(_upsert, name=name, rows=rows), name)
 
     def flush(self, name: str) -> None:
         """Seal what was written so it gets indexed: after a bulk load, searches of growing
@@ -360,13 +361,7 @@ class MilvusStore:
         while windows:
             low, high = windows.pop()
             expr = f"id >= {low} and id < {high}"
-            rows = self._call(
-                f"listing {name}",
-                lambda c, expr=expr: c.query(
-                    name, filter=expr, output_fields=["id"], limit=MAX_QUERY_ROWS
-                ),
-                name,
-            )
+            rows = self._call(f"listing {name}", partial(_ids_where, name=name, expr=expr), name)
             if len(rows) >= MAX_QUERY_ROWS and high - low > 1:
                 middle = low + (high - low) // 2
                 windows += [(low, middle), (middle, high)]
@@ -418,3 +413,12 @@ class MilvusStore:
 
 def new_collection_name(prefix: str, gallery_id: int, version: int) -> str:
     return CollectionName(gallery_id, version, int(time.time() * 1000)).text(prefix)
+
+
+# Calls made in loops, as functions: a lambda would capture the loop variable late.
+def _upsert(client: Any, *, name: str, rows: list[dict[str, Any]]) -> Any:
+    return client.upsert(name, rows)
+
+
+def _ids_where(client: Any, *, name: str, expr: str) -> list[dict[str, Any]]:
+    return client.query(name, filter=expr, output_fields=["id"], limit=MAX_QUERY_ROWS)

@@ -228,7 +228,7 @@ def fake_icon_fetch(monkeypatch, icon_packages):
         calls.append(list(names))
         return FetchResult(packages=packages, missing=["librsvg2-bin"])
 
-    monkeypatch.setattr(icons, "fetch_packages", fetch)
+    monkeypatch.setattr(common, "fetch_packages", fetch)
     monkeypatch.setattr(icons, "ICON_FAMILIES", tuple(families))
     return calls
 
@@ -394,7 +394,7 @@ def fake_fonts(tmp_path: Path, monkeypatch):
         table.append(cjk.FontSource(f"pkg{number}", name))
     monkeypatch.setattr(cjk, "CJK_FONTS", tuple(table))
     monkeypatch.setattr(
-        cjk, "fetch_packages", lambda *_a, **_k: FetchResult(packages=packages, missing=[])
+        common, "fetch_packages", lambda *_a, **_k: FetchResult(packages=packages, missing=[])
     )
     monkeypatch.setattr(cjk, "core_han_characters", lambda: [*"ABCDEFGH", "一"])
     return table

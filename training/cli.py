@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -36,9 +35,10 @@ def _user_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from training.errors import input_error_types
 
+        user_errors: tuple[type[BaseException], ...] = (*input_error_types(), ValueError)
         try:
             return command(*args, **kwargs)
-        except (*input_error_types(), ValueError) as error:
+        except user_errors as error:
             console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -188,7 +188,8 @@ def train(
         },
     }
     cfg = resolve_config(overrides, config_file=config, preset=preset)
-    check_output_dir(Path(cfg.out), "--out")
+    if cfg.out is not None:  # None: the trainer names a fresh folder under runs/
+        check_output_dir(Path(cfg.out), "--out")
     trainer = Trainer(cfg)
     console.print(
         f"training [bold]{cfg.method}[/] on {trainer.data.dataset.name}: "
@@ -364,4 +365,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -112,7 +112,7 @@ def recommended_preset(data: str) -> str:
 
     scheme, _, path = data.rpartition(":")  # "imagefolder:PATH" or a bare ImageFolder root
     manifest = read_manifest(Path(path)) if scheme in ("", "imagefolder") else None
-    benchmark = (manifest or {}).get("benchmark")
+    benchmark = str((manifest or {}).get("benchmark"))
     return RECOMMENDED_PRESETS.get(benchmark, GENERAL_PRESET)
 
 

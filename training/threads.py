@@ -60,9 +60,9 @@ def cgroup_cpu_quota(root: Path = Path("/")) -> float | None:
     try:
         quota_v1 = root / _CGROUP_V1_QUOTA.relative_to("/")
         if quota_v1.is_file():
-            quota = int(quota_v1.read_text())
-            period = int((root / _CGROUP_V1_PERIOD.relative_to("/")).read_text())
-            return None if quota <= 0 else quota / period
+            quota_us = int(quota_v1.read_text())
+            period_us = int((root / _CGROUP_V1_PERIOD.relative_to("/")).read_text())
+            return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None
     return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
@@ -43,3 +45,9 @@ def make_engine(settings: Settings) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def updated_rows(session: Session, statement: Executable) -> int:
+    """Run an UPDATE or DELETE and return how many rows it matched: the atomic transitions
+    (claim a job, switch an index) are conditional UPDATEs whose row count says who won."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Gallery, Image, ImageEmbedding, IndexVersion, Model
+from app.db.session import updated_rows
 from app.index_store import IndexType
 from app.services.errors import Conflict, Invalid, NotFound, ServiceError
 from app.services.models import BUILTIN_MODEL, get_model
@@ -302,7 +303,8 @@ def switch_index(
         version = gallery.index_version + 1
         # The guarded update is the transaction's first write: it locks the gallery row against
         # concurrent uploads (which check the model in the same way) until the commit.
-        switched = session.execute(
+        switched = updated_rows(
+            session,
             update(Gallery)
             .where(Gallery.id == gallery_id, Gallery.index_version == gallery.index_version)
             .values(
@@ -311,8 +313,8 @@ def switch_index(
                 index_params=params,
                 index_version=version,
                 revision=Gallery.revision + 1,
-            )
-        ).rowcount
+            ),
+        )
         if not switched:
             session.rollback()
             raise Conflict(f"gallery {gallery_id} was switched concurrently; retry")

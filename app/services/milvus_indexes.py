@@ -533,7 +533,12 @@ class MilvusIndexManager:
             in_engine = None
         with self.session_factory() as session:
             ids = list(session.scalars(select(Gallery.id).order_by(Gallery.id)))
-        totals = {"galleries": len(ids), "inserted": 0, "deleted": 0, "rebuilt": 0}
+        totals: dict[str, float] = {
+            "galleries": len(ids),
+            "inserted": 0,
+            "deleted": 0,
+            "rebuilt": 0,
+        }
         if in_engine is None:
             self.pending.update(ids)
             ids = []
@@ -559,7 +564,7 @@ class MilvusIndexManager:
         totals["seconds"] = round(time.perf_counter() - started, 3)
         self.last_reconcile = totals
         self._start_reconciler()
-        return totals["galleries"] - len(self.pending) - len(self.unavailable)
+        return len(ids) - len(self.pending) - len(self.unavailable)
 
     def _start_reconciler(self) -> None:
         interval = self.settings.reconcile_interval_s

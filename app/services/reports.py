@@ -69,7 +69,7 @@ class Report:
     def memorisation(self) -> dict[str, float] | None:
         """Train vs test Recall@1, from evaluate jobs when both exist, else from training."""
         for origin in ("evaluation", "training"):
-            found = {}
+            found: dict[str, float] = {}
             for source in self.sources:
                 if origin in source.name and "recall@1" in source.metrics:
                     found.setdefault(source.split, float(source.metrics["recall@1"]))
@@ -182,7 +182,7 @@ def build_report(session: Session, model_id: int, dataset_id: int | None = None)
                 f"{baseline['split']} ({kind} {baseline['model_name']}, for comparison)",
                 baseline["split"],
                 _flat_metrics(baseline["metrics"]),
-                train_job.id,
+                train_job.id if train_job is not None else None,
             )
         )
     if dataset is not None:

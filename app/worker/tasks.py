@@ -50,8 +50,8 @@ def _task(kind: JobKind) -> Callable[..., None]:
         settings: Settings = self.app.settings
         execute(runtime(settings), job_id, self.request.hostname or "worker", kind.body)
 
-    run.__name__ = run.__qualname__ = f"run_{kind.type}"
-    return shared_task(name=task_name(kind.type), bind=True)(run)
+    run.__name__ = run.__qualname__ = f"run_{kind.name}"
+    return shared_task(name=task_name(kind.name), bind=True)(run)
 
 
 TASKS = {job_type: _task(kind) for job_type, kind in KINDS.items()}

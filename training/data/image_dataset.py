@@ -56,7 +56,7 @@ def decode_image_file(path: Path | str) -> torch.Tensor:
         except RuntimeError:
             pass  # Pillow reads more variants, and explains its failures better
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
             return decode_pil_image(image)
     except _PILLOW_ERRORS as error:
         raise UnreadableImageError(f"cannot decode {path}: {error}") from error

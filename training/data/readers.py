@@ -281,7 +281,7 @@ def _csv_rows(path: Path) -> list[tuple[int, Mapping[str, object]]]:
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, Mapping[str, object]]]:
-    rows = []
+    rows: list[tuple[int, Mapping[str, object]]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue

@@ -13,10 +13,44 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+class ResumableBatchSampler(Sampler[list[int]]):
+    """A batch sampler whose epochs replay from any batch: batch b of epoch e is drawn from its
+    own generator seeded by (seed, e, b), so `set_epoch(e, start_batch=b)` replays exactly the
+    rest of the epoch (a resumed run), with or without DataLoader workers. Subclasses give
+    `batches_per_rank` and draw each batch with `batch_rng`."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Batches this sampler yields in a whole epoch."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch, and skip its first `start_batch` batches when resuming."""
+        if not 0 <= start_batch <= self.batches_per_rank:
+            raise ValueError(
+                f"start_batch must be in [0, {self.batches_per_rank}], got {start_batch}"
+            )
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank - self.start_batch
+
+    def batch_rng(self, number: int) -> np.random.Generator:
+        """The generator of batch `number` of the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, number])
+
+
 # pytorch-metric-learning's MPerClassSampler is not used: it draws from NumPy's global random state
 # (no reproducibility per epoch), yields a flat index stream rather than batches, and can neither
 # resume mid-epoch nor shard batches across DistributedDataParallel ranks.
-class PKBatchSampler(Sampler[list[int]]):
+class PKBatchSampler(ResumableBatchSampler):
     """Batches of P classes x K samples for `DataLoader(batch_sampler=...)`.
 
     Each batch is drawn from its own generator seeded by (seed, epoch, batch index), so a batch is
@@ -42,7 +76,7 @@ class PKBatchSampler(Sampler[list[int]]):
         classes_with_replacement: bool = False,
         samples_with_replacement: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         if classes_per_batch < 1 or samples_per_class < 1:
             raise ValueError("classes_per_batch and samples_per_class must both be at least 1")
         if not 0 <= rank < world_size:
@@ -64,13 +98,10 @@ class PKBatchSampler(Sampler[list[int]]):
                 f"{self.num_batches} batches per epoch cannot give each of {world_size} ranks one; "
                 f"set num_batches or use a smaller batch than {self.batch_size}"
             )
-        self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.classes_with_replacement = classes_with_replacement
         self.samples_with_replacement = samples_with_replacement
-        self.epoch = 0
-        self.start_batch = 0
 
     @property
     def batch_size(self) -> int:
@@ -81,24 +112,12 @@ class PKBatchSampler(Sampler[list[int]]):
         """Batches one rank sees per epoch; the remainder of num_batches / world_size is dropped."""
         return self.num_batches // self.world_size
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch, and skip this rank's first `start_batch` batches when resuming."""
-        if not 0 <= start_batch <= self.batches_per_rank:
-            raise ValueError(
-                f"start_batch must be in [0, {self.batches_per_rank}], got {start_batch}"
-            )
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        return self.batches_per_rank - self.start_batch
-
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_batch, self.batches_per_rank):
             yield self._draw_batch(step * self.world_size + self.rank)
 
     def _draw_batch(self, global_index: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch, global_index])
+        rng = self.batch_rng(global_index)
         num_classes = len(self.class_indices)
         classes = rng.choice(
             num_classes, size=self.classes_per_batch, replace=self.classes_with_replacement

@@ -185,7 +185,7 @@ class SeededDataset(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style datasets are sized
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
@@ -525,7 +525,7 @@ class Trainer:
                 "a resumed run" if resumed else "the method's start-up, e.g. DiVA's queue fill",
             )
             if self.batch_in_epoch or self.epoch == 0:  # steps, or no model, since the last save
-                empty = {"loss": None, "terms": {}, "images_per_s": 0.0}
+                empty: dict[str, Any] = {"loss": None, "terms": {}, "images_per_s": 0.0}
                 self._end_epoch(empty, closing=True, validate=False)
         while not stop and self.iteration < self.total_iterations:
             if self.batch_in_epoch == 0:
@@ -689,7 +689,9 @@ class Trainer:
 
     def _validation_s(self) -> float:
         """The expected cost of a validation pass: the last one's, or `_image_s` per image."""
-        image = self._image_s() if self.data.val is not None else None
+        if self.data.val is None:
+            return 0.0
+        image = self._image_s()
         return 0.0 if image is None else image * len(self.data.val)
 
     def _validations_left(self) -> int:
@@ -710,7 +712,8 @@ class Trainer:
 
     def _final_evaluation_s(self) -> float:
         image = self._image_s()
-        images = len(self.data.test) + (len(self.data.train_clean) if self.cfg.eval_train else 0)
+        images: float = len(self.data.test)
+        images += len(self.data.train_clean) if self.cfg.eval_train else 0
         images *= self._final_passes()
         if self._baseline_pixel_ratio is not None:
             images += len(self.data.test) * self._baseline_pixel_ratio
@@ -768,7 +771,9 @@ class Trainer:
             self._phase, self._phase_started = phase, now
             disable = not self.progress_bar or self.rank != 0
             self._bar = tqdm(total=total, desc=phase, unit="img", leave=False, disable=disable)
-        self._bar.update(done - self._bar.n)
+        bar = self._bar
+        assert bar is not None  # made above at the phase's first report
+        bar.update(done - bar.n)
         finished = done >= total
         if finished and done:
             self._image_pass_s = (now - self._phase_started) / done
@@ -776,7 +781,7 @@ class Trainer:
             self._report(phase, done, total)
         stopping = self.should_stop()
         if finished or stopping:
-            self._bar.close()
+            bar.close()
             self._phase = None
         if stopping:
             raise TrainingStopped(f"stopped during the {phase}")
@@ -908,6 +913,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """The baseline artifact's test metrics (its own preprocessing, the same images and
         protocol) and the best model's gain over it, for results.json."""
+        assert self.cfg.baseline is not None  # called only when a baseline is set
         embeddings, labels = embed_split_with_artifact(
             self.cfg.baseline,
             self.data.test,

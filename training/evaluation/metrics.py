@@ -241,7 +241,7 @@ def _without_self(found: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
 
 def _recall_hits(hits: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
     """Per query, whether any of the first K neighbours is correct (DML Recall@K, not IR recall)."""
-    return {f"recall@{K}": hits[:, :K].any(axis=1) for K in ks}
+    return {f"recall@{K}": np.asarray(hits[:, :K].any(axis=1)) for K in ks}
 
 
 def _precision_within_r(

@@ -147,7 +147,7 @@ class AdversarialDecorrelation(nn.Module):
         super().__init__()
         if len(weights) != len(directions):
             raise ValueError(f"{len(directions)} directions need as many weights, got {weights}")
-        self.directions = [tuple(direction) for direction in directions]
+        self.directions = [(source, target) for source, target in directions]
         self.weights = [float(weight) for weight in weights]
         self.regressors = nn.ModuleDict(
             {

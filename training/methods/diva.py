@@ -239,7 +239,9 @@ class DiVA(Method):
         logs.update({f"decorrelation_{k}": value.detach() for k, value in decorrelation.items()})
         # So that a dead term shows in metrics.jsonl whatever its loss value: how many queue
         # negatives still carry DaNCE weight, and how hard each term pushes the backbone.
-        heavy = (self.dance_loss.last_weights > 0.01).sum(dim=1)
+        weights = self.dance_loss.last_weights
+        assert weights is not None  # set by the forward pass above
+        heavy = (weights > 0.01).sum(dim=1)
         logs["dance_negatives_weight_gt_0.01"] = heavy.float().mean()
         logs.update(gradient_norms(terms, outputs["features"]))
         return total, logs

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from training.losses import build_loss
 from training.methods.base import Batch, Method, TrainingContext, register_method
+from training.models.heads import DVMLHead
 
 if TYPE_CHECKING:
     from training.models.embedding import EmbeddingModel
@@ -86,6 +87,8 @@ class DVMLMethod(Method):
     The current phase lives in a buffer, so a resumed run continues in the phase it left.
     Per-phase hyperparameters are (phase 1, phase 2) pairs.
     """
+
+    phase: Tensor  # a buffer (1 or 2), so that a resumed run continues in its phase
 
     name = "dvml"
     head = "dvml"
@@ -180,7 +183,8 @@ class DVMLMethod(Method):
         mean, log_variance = outputs["mean"].float(), outputs["log_variance"].float()
         synthesised = invariant + sample_variation(mean, log_variance, settings.samples)
         decoder_input = synthesised.detach() if settings.detach_decoder_input else synthesised
-        reconstructions = model.head.decode(decoder_input.flatten(0, 1)).float()
+        head = cast(DVMLHead, model.head)
+        reconstructions = head.decode(decoder_input.flatten(0, 1)).float()
         terms = {
             "kl": self.kl_divergence(mean, log_variance),
             "rec": self.reconstruction_loss(

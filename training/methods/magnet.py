@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Sampler
 
+from training.data.samplers import ResumableBatchSampler
 from training.evaluation.cluster_classifier import ClusterClassifier
 from training.evaluation.embed import compute_embeddings
 from training.losses.magnet import MagnetLoss
@@ -55,6 +55,15 @@ class ClusterIndex(nn.Module):
     Everything is a buffer, so `Method.state_dict()` saves and a resumed run restores it.
     `seed_weights` is the seed-cluster distribution for the current epoch (`update_seed_weights`).
     """
+
+    # The buffers (registered in __init__), declared for type checkers.
+    cluster_labels: Tensor
+    centroids: Tensor
+    assignments: Tensor
+    example_losses: Tensor
+    loss_measured: Tensor
+    seed_weights: Tensor
+    fitted: Tensor
 
     def __init__(
         self,
@@ -226,7 +235,7 @@ class _ClusterSnapshot:
         return candidates[np.argsort(distances[candidates], kind="stable")[:count]]
 
 
-class MagnetBatchSampler(Sampler[list[int]]):
+class MagnetBatchSampler(ResumableBatchSampler):
     """Neighbourhood batches (Rippel et al.): a seed cluster drawn with the index's
     `seed_weights`, its M - 1 nearest clusters of other classes, D examples of each.
 
@@ -249,24 +258,15 @@ class MagnetBatchSampler(Sampler[list[int]]):
         num_batches: int,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.index = index
         self.clusters_per_batch = clusters_per_batch
         self.examples_per_cluster = examples_per_cluster
         self.num_batches = num_batches
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch, and skip its first `start_batch` batches when resuming."""
-        if not 0 <= start_batch <= self.num_batches:
-            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        return self.num_batches - self.start_batch
+    @property
+    def batches_per_rank(self) -> int:
+        return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         snapshot = _ClusterSnapshot.of(self.index)
@@ -274,7 +274,7 @@ class MagnetBatchSampler(Sampler[list[int]]):
             yield self._draw_batch(snapshot, number)
 
     def _draw_batch(self, snapshot: _ClusterSnapshot, number: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch, number])
+        rng = self.batch_rng(number)
         seed_cluster = rng.choice(len(snapshot.cluster_labels), p=snapshot.seed_probabilities)
         impostors = snapshot.nearest_impostors(seed_cluster, self.clusters_per_batch - 1)
         batch = [
@@ -301,6 +301,7 @@ class MagnetMethod(Method):
     """
 
     name = "magnet"
+    running_variance: Tensor  # a buffer: the loss's running estimate of the batch variance
 
     def __init__(
         self,

@@ -11,9 +11,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,7 +39,8 @@ class BackboneInfo:
 
 
 class _TimmFeatures(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    # Any: timm's models have `forward_features`, which nn.Module does not declare.
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
@@ -46,7 +51,7 @@ class _TimmFeatures(nn.Module):
 class _ResNetFeatures(nn.Module):
     """torchvision ResNet up to layer4 (no pooling, no classifier)."""
 
-    def __init__(self, resnet: nn.Module) -> None:
+    def __init__(self, resnet: ResNet) -> None:
         super().__init__()
         self.body = nn.Sequential(
             resnet.conv1,
@@ -117,7 +122,7 @@ def _lite0_imagenet_state() -> dict[str, torch.Tensor]:
 def _build_lite0(weights: str) -> tuple[nn.Module, BackboneInfo]:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     if weights == "imagenet":
         model.load_state_dict(_lite0_imagenet_state(), strict=True)
     elif weights != "none":
@@ -162,6 +167,7 @@ def _load_file_weights(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise BackboneError(f"weights file {file} does not exist; pass imagenet, none or a file")
+    state: Any  # a state dict, or a checkpoint holding one under "state_dict"
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file

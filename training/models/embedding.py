@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from training.models.backbones import BackboneInfo, build_backbone
-from training.models.heads import HEADS
+from training.models.heads import HEADS, EmbeddingHead
 
 
 class ModelSpec(BaseModel):
@@ -39,7 +39,9 @@ class EmbeddingModel(nn.Module):
         head = HEADS[spec.head]  # an unknown name is a ValueError listing the choices
         self.spec = spec
         self.backbone, self.info = build_backbone(spec.backbone, weights)
-        self.head = head(self.info.feature_dim, spec.embedding_dim, **spec.head_options)
+        self.head: EmbeddingHead = head(
+            self.info.feature_dim, spec.embedding_dim, **spec.head_options
+        )
         self.embedding_dim: int = self.head.embedding_dim
 
     @property

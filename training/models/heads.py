@@ -17,7 +17,14 @@ from training.registry import Registry
 DIVA_HEAD_NAMES = ("discriminative", "selfsimilarity", "shared", "intra")
 
 
-class LinearHead(nn.Module):
+class EmbeddingHead(nn.Module):
+    """A head: pooled features (N, feature_dim) in, a dict with the test-time `embedding`
+    (N, embedding_dim) and any training-only outputs out."""
+
+    embedding_dim: int
+
+
+class LinearHead(EmbeddingHead):
     """One linear projection to the embedding (Wu et al. 2017, Sec. 5: a single FC layer)."""
 
     def __init__(self, feature_dim: int, embedding_dim: int) -> None:
@@ -29,7 +36,7 @@ class LinearHead(nn.Module):
         return {"embedding": self.fc(features)}
 
 
-class IdentityHead(nn.Module):
+class IdentityHead(EmbeddingHead):
     """No head: the pooled backbone features are the embedding (the untrained baseline)."""
 
     def __init__(self, feature_dim: int, embedding_dim: int = 0) -> None:
@@ -40,7 +47,7 @@ class IdentityHead(nn.Module):
         return {"embedding": features}
 
 
-class DiVAHead(nn.Module):
+class DiVAHead(EmbeddingHead):
     """One linear embedding per DiVA task, each L2-normalised (DiVA architectures/).
 
     `embedding`, the test-time output, is the weighted concatenation of the four in the order
@@ -78,7 +85,7 @@ class DiVAHead(nn.Module):
         return outputs
 
 
-class DVMLHead(nn.Module):
+class DVMLHead(EmbeddingHead):
     """Invariant encoder, variance encoder and decoder (Lin et al. 2018).
 
     `forward` is deterministic: it returns `embedding` = z_I (the test-time embedding) and
@@ -128,7 +135,7 @@ class DVMLHead(nn.Module):
         return self.decoder(latent)
 
 
-HEADS: Registry[nn.Module] = Registry(
+HEADS: Registry[EmbeddingHead] = Registry(
     "head",
     {"linear": LinearHead, "identity": IdentityHead, "diva": DiVAHead, "dvml": DVMLHead},
 )

@@ -50,7 +50,7 @@ class JobKind:
     file with the request (an import's archive), refuses a wrong file before it is stored.
     `submittable`: False for kinds that another endpoint creates (dataset builds)."""
 
-    type: str
+    name: str  # the job type: `jobs.type`, the `type` of POST /jobs
     queue: str
     params: type[JobParams]
     body: Callable[[JobRun], dict[str, Any]]

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from app.services.jobs.lifecycle import JobRun
 
 TYPE = "dataset"
+# What POST /jobs documents for this kind (the OpenAPI description of `params`).
+DESCRIPTION = "dataset: dataset_id, size, max_classes (started by POST /datasets)"
 
 
 class DatasetParams(JobParams):
@@ -48,11 +50,4 @@ def body(run: JobRun) -> dict[str, Any]:
     return {"dataset_id": params.dataset_id, "summary": summary}
 
 
-KIND = JobKind(
-    type=TYPE,
-    queue=CPU_QUEUE,
-    params=DatasetParams,
-    body=body,
-    description="dataset: dataset_id, size, max_classes (started by POST /datasets)",
-    submittable=False,
-)
+KIND = JobKind(TYPE, CPU_QUEUE, DatasetParams, body, DESCRIPTION, submittable=False)

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from app.services.jobs.lifecycle import JobRun
 
 TYPE = "evaluate"
+# What POST /jobs documents for this kind (the OpenAPI description of `params`).
+DESCRIPTION = "evaluate: model_id, dataset_id, split, max_classes (result: metrics)"
 
 
 class EvaluateParams(JobParams):
@@ -64,11 +66,4 @@ def body(run: JobRun) -> dict[str, Any]:
     }
 
 
-KIND = JobKind(
-    type=TYPE,
-    queue=GPU_QUEUE,
-    params=EvaluateParams,
-    body=body,
-    validate=validate,
-    description="evaluate: model_id, dataset_id, split, max_classes (result: metrics)",
-)
+KIND = JobKind(TYPE, GPU_QUEUE, EvaluateParams, body, DESCRIPTION, validate)

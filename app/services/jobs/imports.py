@@ -41,6 +41,11 @@ if TYPE_CHECKING:
     from app.services.jobs.lifecycle import JobRun
 
 TYPE = "import"
+# What POST /jobs documents for this kind (the OpenAPI description of `params`).
+DESCRIPTION = (
+    "import: gallery_id, folder, label_from_folder; or POST /jobs/import with an "
+    "archive (result: counts and per-file results)"
+)
 
 IMPORT_BATCH = 32  # files decoded and embedded together by an import job
 IMPORT_BATCHES_IN_FLIGHT = 2  # one decoding while the other embeds
@@ -138,7 +143,7 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+    def readinto(self, buffer: Any) -> int:  # a writable buffer, as RawIOBase passes it
         data = self.stream.read(len(buffer))
         self.budget.consume(len(data))
         buffer[: len(data)] = data
@@ -280,7 +285,8 @@ def _tar_members(archive: Path, budget: _Budget) -> Iterator[tuple[str, IO[bytes
             handle = bundle.extractfile(member) if member.isfile() else None
             if handle is not None:
                 yield member.name, handle
-            bundle.members = []  # tarfile keeps every header it read: millions of tiny members
+            # tarfile keeps every header it read (millions for tiny members): forget them.
+            bundle.members = []  # type: ignore[attr-defined]  # undocumented, in every version
 
 
 def body(run: JobRun) -> dict[str, Any]:
@@ -375,13 +381,4 @@ def _counts(entries: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-KIND = JobKind(
-    type=TYPE,
-    queue=CPU_QUEUE,
-    params=ImportParams,
-    body=body,
-    validate=validate,
-    check_upload=check_archive,
-    description="import: gallery_id, folder, label_from_folder; or POST /jobs/import with an "
-    "archive (result: counts and per-file results)",
-)
+KIND = JobKind(TYPE, CPU_QUEUE, ImportParams, body, DESCRIPTION, validate, check_archive)

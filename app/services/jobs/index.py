@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TYPE = "index"
+# What POST /jobs documents for this kind (the OpenAPI description of `params`).
+DESCRIPTION = "index: gallery_id, model_id, index_type (result: index_version, embedded)"
 SWITCH_ATTEMPTS = 5  # an index job re-embeds late uploads this many times before giving up
 
 
@@ -90,11 +92,4 @@ def body(run: JobRun) -> dict[str, Any]:
         }
 
 
-KIND = JobKind(
-    type=TYPE,
-    queue=CPU_QUEUE,
-    params=IndexParams,
-    body=body,
-    validate=validate,
-    description="index: gallery_id, model_id, index_type (result: index_version, embedded)",
-)
+KIND = JobKind(TYPE, CPU_QUEUE, IndexParams, body, DESCRIPTION, validate)

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.db.models import Job
 from app.db.models.jobs import JobState
+from app.db.session import updated_rows
 from app.services.errors import Conflict, NotFound, ServiceError
 from app.services.jobs.base import ARCHIVE_FILE, LOG_FILE, job_dir, now
 from app.services.runtime import Runtime
@@ -131,14 +132,15 @@ class JobRun:
             with self._lock:
                 values, self._pending = self._pending, {}
             with self.session() as session:
-                owned = session.execute(
+                owned = updated_rows(
+                    session,
                     update(Job)
                     .where(
                         Job.id == self.id, Job.state == JobState.running, Job.worker == self.worker
                     )
-                    .values(heartbeat_at=now(), **values)
-                ).rowcount
-                cancel = session.get(Job, self.id).cancel_requested if owned else False
+                    .values(heartbeat_at=now(), **values),
+                )
+                cancel = session.get_one(Job, self.id).cancel_requested if owned else False
                 session.commit()
             self._last_write = time.monotonic()
         if not owned:
@@ -191,11 +193,12 @@ class JobRun:
             )
             if state == JobState.succeeded:
                 values["progress"] = 1.0
-            owned = session.execute(
+            owned = updated_rows(
+                session,
                 update(Job)
                 .where(Job.id == self.id, Job.state == JobState.running, Job.worker == self.worker)
-                .values(**values)
-            ).rowcount
+                .values(**values),
+            )
             session.commit()
         if not owned:
             log.warning("job %d is no longer this worker's; its outcome is discarded", self.id)
@@ -206,7 +209,8 @@ def claim(runtime: Runtime, job_id: int, worker: str) -> Job | None:
     """Move the job from queued to running for this worker; None when it is not queued (done,
     cancelled, running elsewhere, or unknown), in which case this delivery does nothing."""
     with runtime.session_factory() as session:
-        claimed = session.execute(
+        claimed = updated_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.queued)
             .values(
@@ -215,8 +219,8 @@ def claim(runtime: Runtime, job_id: int, worker: str) -> Job | None:
                 started_at=now(),
                 heartbeat_at=now(),
                 progress=0.0,
-            )
-        ).rowcount
+            ),
+        )
         session.commit()
         job = session.get(Job, job_id)
     if job is None:
@@ -347,11 +351,12 @@ def fail_job(session: Session, job_id: int, reason: str) -> None:
 
 def fail_worker_jobs(session: Session, worker: str, reason: str) -> int:
     """Mark the running jobs of one worker failed (it died or restarted); returns how many."""
-    failed = session.execute(
+    failed = updated_rows(
+        session,
         update(Job)
         .where(Job.state == JobState.running, Job.worker == worker)
-        .values(state=JobState.failed, finished_at=now(), eta=None, error=reason)
-    ).rowcount
+        .values(state=JobState.failed, finished_at=now(), eta=None, error=reason),
+    )
     session.commit()
     return failed
 
@@ -390,7 +395,8 @@ def cancel(session: Session, settings: Settings, job_id: int) -> Job:
     """A queued job is cancelled at once (a worker that receives it later skips it); a running
     one is asked to stop and becomes `cancelled` at its next step."""
     job = get_job(session, settings, job_id)
-    cancelled_queued = session.execute(
+    cancelled_queued = updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.queued)
         .values(
@@ -398,14 +404,15 @@ def cancel(session: Session, settings: Settings, job_id: int) -> Job:
             cancel_requested=True,
             finished_at=now(),
             error="cancelled before it started",
-        )
-    ).rowcount
+        ),
+    )
     if not cancelled_queued:
-        asked = session.execute(
+        asked = updated_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.running)
-            .values(cancel_requested=True)
-        ).rowcount
+            .values(cancel_requested=True),
+        )
         if not asked:
             session.rollback()
             raise Conflict(

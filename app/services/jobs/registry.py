@@ -13,7 +13,7 @@ from app.services.jobs import dataset, evaluate, imports, index, train
 from app.services.jobs.base import JobKind
 
 KINDS: dict[str, JobKind] = {
-    kind.type: kind
+    kind.name: kind
     for kind in (
         train.KIND,
         evaluate.KIND,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,7 +36,7 @@ def parse_params(kind: JobKind, params: dict[str, Any]) -> JobParams:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in error.errors()
         )
-        raise Invalid(f"invalid params for a {kind.type} job: {problems}") from None
+        raise Invalid(f"invalid params for a {kind.name} job: {problems}") from None
 
 
 def submit(
@@ -58,19 +58,19 @@ def submit(
     params = parse_params(kind, raw_params)
     if upload is not None:
         if kind.check_upload is None:
-            raise Invalid(f"a {kind.type} job takes no uploaded file")
+            raise Invalid(f"a {kind.name} job takes no uploaded file")
         kind.check_upload(upload)
     if idempotency_key is not None:
-        earlier = _by_key(session, idempotency_key, kind.type, params)
+        earlier = _by_key(session, idempotency_key, kind.name, params)
         if earlier is not None:
             return earlier
     fail_lost_jobs(session, settings)
     kind.validate(session, settings, params)
     try:
-        return create(session, settings, queue, kind.type, params, idempotency_key, upload)
+        return create(session, settings, queue, kind.name, params, idempotency_key, upload)
     except IntegrityError:  # the same key, concurrently
         session.rollback()
-        earlier = _by_key(session, idempotency_key or "", kind.type, params)
+        earlier = _by_key(session, idempotency_key or "", kind.name, params)
         if earlier is None:
             raise
         return earlier
@@ -117,7 +117,7 @@ def create(
         queue.publish(job)
     except BaseException:
         session.rollback()
-        session.execute(Job.__table__.delete().where(Job.id == job.id))
+        session.execute(delete(Job).where(Job.id == job.id))
         session.commit()
         shutil.rmtree(directory, ignore_errors=True)
         raise

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 TYPE = "train"
+# What POST /jobs documents for this kind (the OpenAPI description of `params`).
+DESCRIPTION = (
+    "train: dataset_id, method, preset, hyperparameters, model_name, "
+    "baseline_model_id (result: model_id, metrics, baseline, gain_over_baseline)"
+)
 
 # Training options the service sets itself; a client gives `method` and `preset` as fields.
 RESERVED_HYPERPARAMETERS = {"data", "out", "device", "preset", "method"}
@@ -187,12 +192,4 @@ def body(run: JobRun) -> dict[str, Any]:
     }
 
 
-KIND = JobKind(
-    type=TYPE,
-    queue=GPU_QUEUE,
-    params=TrainParams,
-    body=body,
-    validate=validate,
-    description="train: dataset_id, method, preset, hyperparameters, model_name, "
-    "baseline_model_id (result: model_id, metrics, baseline, gain_over_baseline)",
-)
+KIND = JobKind(TYPE, GPU_QUEUE, TrainParams, body, DESCRIPTION, validate)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,24 +20,17 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from training.data.benchmarks.common import (
     SPLITS,
     THUMBNAIL_SIDE,
-    benchmark_manifest,
-    cached_manifest,
-    default_workers,
-    ensure_replaceable,
+    build_benchmark,
     fit_on_white,
     keep_distinct,
     move_samples,
     parallel_map,
     save_png,
     sha1_key,
-    staged_output,
     thumbnail,
-    write_manifest,
 )
 from training.data.benchmarks.debian import (
     UnpackedPackage,
-    default_cache_dir,
-    fetch_packages,
     resolve_link,
 )
 from training.data.records import DatasetError
@@ -152,43 +144,31 @@ def build_cjk(
     `max_classes` keeps the first N classes of each split by sorted folder name. Returns at once
     when `out` already holds a complete build with the same parameters.
     """
-    out = Path(out).expanduser().absolute()
     if size < THUMBNAIL_SIDE:
         raise DatasetError(f"--size {size} is too small; use at least {THUMBNAIL_SIDE} pixels")
     if max_classes is not None and max_classes < 1:
         raise DatasetError(f"--max-classes {max_classes} must be at least 1")
-    parameters = {"size": size, "max_classes": max_classes, "format_version": FORMAT_VERSION}
-    cached = cached_manifest(out, BENCHMARK, parameters)
-    if cached is not None:
-        logger.info("%s at %s is complete (cached)", BENCHMARK, out)
-        return cached
-    ensure_replaceable(out)
-    started = time.perf_counter()
-    workers = workers or default_workers()
-    packages = list(dict.fromkeys(font.package for font in CJK_FONTS))
-    fetched = fetch_packages(
-        packages, cache_dir or default_cache_dir(), workers=workers, progress=progress
-    )
-    fonts = locate_fonts(CJK_FONTS, fetched.packages)
-    with staged_output(out) as staging:
-        content = assemble_cjk(
+
+    def assemble(staging: Path, packages: dict[str, UnpackedPackage], workers: int) -> dict:
+        return assemble_cjk(
             staging,
-            fonts,
+            locate_fonts(CJK_FONTS, packages),
             select_characters(core_han_characters(), max_classes),
             size=size,
             workers=workers,
             progress=progress,
         )
-        manifest = benchmark_manifest(
-            BENCHMARK,
-            parameters,
-            staging,
-            content,
-            missing_packages=fetched.missing,
-            started=started,
-        )
-        write_manifest(staging, manifest)
-    return manifest
+
+    return build_benchmark(
+        out,
+        BENCHMARK,
+        {"size": size, "max_classes": max_classes, "format_version": FORMAT_VERSION},
+        (font.package for font in CJK_FONTS),
+        assemble,
+        cache_dir=cache_dir,
+        progress=progress,
+        workers=workers,
+    )
 
 
 def core_han_characters() -> list[str]:
@@ -239,8 +219,10 @@ def locate_fonts(
     located = []
     for source in sources:
         package = packages.get(source.package)
-        candidates = sorted(package.root.rglob(source.file)) if package else []
-        path = next((p for c in candidates if (p := resolve_link(c, package.root))), None)
+        path = None
+        if package is not None:
+            candidates = sorted(package.root.rglob(source.file))
+            path = next((p for c in candidates if (p := resolve_link(c, package.root))), None)
         if package is None or path is None:
             logger.warning("font %s (%s) not available, skipped", source.file, source.package)
             continue
@@ -360,7 +342,7 @@ def render_glyph(font: ImageFont.FreeTypeFont, character: str) -> Image.Image | 
     left, top, right, bottom = font.getbbox(character)
     if right <= left or bottom <= top:
         return None
-    canvas = Image.new("L", (right - left, bottom - top), 0)
+    canvas = Image.new("L", (int(right - left), int(bottom - top)), 0)
     ImageDraw.Draw(canvas).text((-left, -top), character, font=font, fill=255)
     ink = canvas.getbbox()
     return canvas.crop(ink) if ink else None

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, features
 from tqdm.auto import tqdm
 
+from training.data.benchmarks.debian import UnpackedPackage, default_cache_dir, fetch_packages
 from training.data.records import DatasetError
 from training.fsutil import replace_directory
 
@@ -158,6 +159,50 @@ def _process_alive(pid: int) -> bool:
 def sha1_key(text: str) -> bytes:
     """A stable, platform-independent sort key (Python's hash() is salted per process)."""
     return hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).digest()
+
+
+def build_benchmark(
+    out: Path,
+    benchmark: str,
+    parameters: dict[str, Any],
+    packages: Iterable[str],
+    assemble: Callable[[Path, dict[str, UnpackedPackage], int], dict[str, Any]],
+    *,
+    cache_dir: Path | None,
+    progress: bool,
+    workers: int | None,
+) -> dict[str, Any]:
+    """The build every benchmark shares; returns its manifest. A complete build at `out` with
+    the same `parameters` is returned as it is; otherwise the Debian `packages` are fetched,
+    `assemble(staging, unpacked packages, workers)` writes the ImageFolder and returns the
+    manifest fields that describe its content, and the folder replaces `out` only once it is
+    complete (a crash or Ctrl-C leaves the old `out` untouched)."""
+    out = Path(out).expanduser().absolute()
+    cached = cached_manifest(out, benchmark, parameters)
+    if cached is not None:
+        logger.info("%s at %s is complete (cached)", benchmark, out)
+        return cached
+    ensure_replaceable(out)
+    started = time.perf_counter()
+    workers = workers or default_workers()
+    fetched = fetch_packages(
+        list(dict.fromkeys(packages)),
+        cache_dir or default_cache_dir(),
+        workers=workers,
+        progress=progress,
+    )
+    with staged_output(out) as staging:
+        content = assemble(staging, fetched.packages, workers)
+        manifest = benchmark_manifest(
+            benchmark,
+            parameters,
+            staging,
+            content,
+            missing_packages=fetched.missing,
+            started=started,
+        )
+        write_manifest(staging, manifest)
+    return manifest
 
 
 def benchmark_manifest(

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +26,7 @@ from PIL import Image
 from training.data.benchmarks.common import (
     SPLITS,
     THUMBNAIL_SIDE,
-    benchmark_manifest,
-    cached_manifest,
-    default_workers,
-    ensure_replaceable,
+    build_benchmark,
     fit_on_white,
     is_near_blank,
     keep_distinct,
@@ -38,14 +34,10 @@ from training.data.benchmarks.common import (
     parallel_map,
     save_png,
     sha1_key,
-    staged_output,
     thumbnail,
-    write_manifest,
 )
 from training.data.benchmarks.debian import (
     UnpackedPackage,
-    default_cache_dir,
-    fetch_packages,
     resolve_link,
 )
 from training.data.records import DatasetError
@@ -169,41 +161,30 @@ def build_icons(
 
     Returns at once when `out` already holds a complete build with the same parameters.
     """
-    out = Path(out).expanduser().absolute()
     _check_size(size)
-    parameters = {"size": size, "format_version": FORMAT_VERSION}
-    cached = cached_manifest(out, BENCHMARK, parameters)
-    if cached is not None:
-        logger.info("%s at %s is complete (cached)", BENCHMARK, out)
-        return cached
-    ensure_replaceable(out)
-    started = time.perf_counter()
-    workers = workers or default_workers()
-    packages = [theme.package for family in ICON_FAMILIES for theme in family.themes]
-    packages.append(RSVG_PACKAGE)
-    fetched = fetch_packages(
-        packages, cache_dir or default_cache_dir(), workers=workers, progress=progress
-    )
-    with staged_output(out) as staging:
-        content = assemble_icons(
+
+    def assemble(staging: Path, packages: dict[str, UnpackedPackage], workers: int) -> dict:
+        return assemble_icons(
             staging,
-            fetched.packages,
+            packages,
             families=ICON_FAMILIES,
             size=size,
             workers=workers,
             progress=progress,
-            rsvg_convert=find_rsvg_convert(fetched.packages),
+            rsvg_convert=find_rsvg_convert(packages),
         )
-        manifest = benchmark_manifest(
-            BENCHMARK,
-            parameters,
-            staging,
-            content,
-            missing_packages=fetched.missing,
-            started=started,
-        )
-        write_manifest(staging, manifest)
-    return manifest
+
+    theme_packages = [theme.package for family in ICON_FAMILIES for theme in family.themes]
+    return build_benchmark(
+        out,
+        BENCHMARK,
+        {"size": size, "format_version": FORMAT_VERSION},
+        [*theme_packages, RSVG_PACKAGE],
+        assemble,
+        cache_dir=cache_dir,
+        progress=progress,
+        workers=workers,
+    )
 
 
 def assemble_icons(
@@ -531,7 +512,7 @@ def drop_bad_renders(
     family listed first keeps its sample)."""
     result: dict[str, dict[str, Drawing]] = {}
     for class_name, samples in table.items():
-        usable: list[str] = []
+        usable: dict[str, np.ndarray] = {}
         for family in samples:
             thumb = thumbs[class_name, family]
             if thumb is None:
@@ -539,11 +520,12 @@ def drop_bad_renders(
             elif is_near_blank(thumb):
                 dropped[NEAR_BLANK] += 1
             else:
-                usable.append(family)
+                usable[family] = thumb
         if not usable:
             continue
-        stack = np.stack([thumbs[class_name, f] for f in usable])
-        kept = [usable[i] for i in keep_distinct(stack, near_duplicate_thresholds(usable))]
+        families = list(usable)
+        stack = np.stack(list(usable.values()))
+        kept = [families[i] for i in keep_distinct(stack, near_duplicate_thresholds(families))]
         dropped[NEAR_DUPLICATE] += len(usable) - len(kept)
         result[class_name] = {family: samples[family] for family in kept}
     return result
