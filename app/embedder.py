@@ -1,13 +1,12 @@
 """Models loaded once per process, requests micro-batched.
 
-`BatchingEmbedder` owns one background thread per model. Callers (async request handlers via
-`embed`, request and worker threads via `embed_sync`) put their images on a queue and wait; the
+`BatchingEmbedder` owns one background thread per model. Callers (request and worker threads via
+`embed`, or anyone through the future `submit` returns) put their images on a queue and wait; the
 thread takes the first waiting request, then keeps collecting requests until it holds `max_batch`
 images or `max_wait_ms` have passed since that first request, and runs one forward pass for all
 of them. Preprocessing (exactly the model card's: `training.checkpoint.Embedder.preprocess`) runs
-in the caller's thread for `embed_sync`, so it overlaps the forward pass, and in the batching
-thread for `embed`. So concurrent users share a batch, and no CPU work ever runs on the event
-loop.
+in the caller's thread for `embed`, so it overlaps the forward pass, and in the batching thread
+for `submit`. So concurrent users share a batch, and no CPU work ever runs on the event loop.
 
 Errors: a request whose images cannot be preprocessed fails alone; a failing forward pass fails
 exactly the requests in that batch; the thread keeps serving the next batches.
@@ -15,7 +14,6 @@ exactly the requests in that batch; the thread keeps serving the next batches.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -117,17 +115,14 @@ class BatchingEmbedder:
             self._queue.put(request)
         return request.future
 
-    async def embed(self, images: Sequence[Image.Image | torch.Tensor]) -> np.ndarray:
-        """(n, d) float32 L2-normalised embeddings; awaits the batching thread."""
-        return await asyncio.wrap_future(self.submit(images))
-
-    def embed_sync(
+    def embed(
         self, images: Sequence[Image.Image | torch.Tensor], timeout: float | None = None
     ) -> np.ndarray:
-        """Same as `embed` for threads that are not an event loop (request threads, workers):
-        they preprocess their own images, in parallel with the batching thread's forward."""
+        """(n, d) float32 L2-normalised embeddings, for the calling thread (a request thread, a
+        worker): it preprocesses its own images, in parallel with the batching thread's
+        forward, and waits for its rows of the shared batch."""
         if threading.current_thread() is self._thread:
-            raise RuntimeError("embed_sync called from the batching thread would deadlock")
+            raise RuntimeError("embed called from the batching thread would deadlock")
         return self.submit(self.prepare(images)).result(timeout)
 
     def prepare(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
@@ -310,10 +305,6 @@ class EmbedderRegistry:
             with self._lock:
                 self._embedders[model_key] = (artifact_dir, embedder)
             return embedder
-
-    async def aget(self, model_key: str, artifact_dir: Path) -> BatchingEmbedder:
-        """`get` in a worker thread, for async callers."""
-        return await asyncio.to_thread(self.get, model_key, artifact_dir)
 
     def evict(self, model_key: str) -> bool:
         """Close and forget a model; True if it was loaded. Requests in flight finish first."""

@@ -250,7 +250,7 @@ def add_images(
                     except ImageRejected as error:  # decoded once already: only busy (503)
                         raise ServiceError(error.detail, error.status_code) from error
                     item.tensor = embedder.prepare([picture])[0]
-            vectors = embedder.embed_sync([d.tensor for d in pending])
+            vectors = embedder.embed([d.tensor for d in pending])
             written += _write_files(settings, gallery_id, [d for d in pending if not d.file_name])
             try:
                 created = _commit(runtime, session, gallery, model, pending, vectors)
@@ -476,7 +476,7 @@ def embed_missing(
 
     done = 0
     for ids, tensors in prefetch(prepared_batches(), name=f"index-{gallery_id}-decode"):
-        vectors = embedder.embed_sync(tensors)
+        vectors = embedder.embed(tensors)
         # Images deleted while this batch was embedded: their rows would fail the whole batch.
         alive = set(session.scalars(select(Image.id).where(Image.id.in_(ids))))
         session.add_all(

@@ -92,7 +92,7 @@ def search_images(
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
     embedder = embedder_for(runtime, gallery.model)
-    vectors = embedder.embed_sync(decode_queries(runtime, files, embedder))
+    vectors = embedder.embed(decode_queries(runtime, files, embedder))
     return _search(runtime, session, gallery, vectors, k, offset, filters, min_score, started)
 
 
@@ -194,7 +194,7 @@ def classify(
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
     embedder = embedder_for(runtime, gallery.model)
-    vectors = embedder.embed_sync(decode_queries(runtime, files, embedder))
+    vectors = embedder.embed(decode_queries(runtime, files, embedder))
     labelled = session.scalar(
         select(Image.id).where(Image.gallery_id == gallery_id, Image.label.is_not(None)).limit(1)
     )

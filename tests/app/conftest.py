@@ -25,6 +25,18 @@ from app.services.runtime import Runtime
 from tests.conftest import draw_sample, write_image_folder
 from training.checkpoint import save_untrained_artifact
 
+# TrainConfig overrides of a training run that takes seconds on a CPU (the job and UI tests).
+TINY_TRAINING = {
+    "image_size": 32,
+    "batch_size": 8,
+    "samples_per_class": 2,
+    "embedding_dim": 16,
+    "weights": "none",
+    "iterations_per_epoch": 2,
+    "eval_batch_size": 32,
+    "lr": 1e-3,
+}
+
 # The machine's PostgreSQL (trust auth); every test gets its own schema, dropped afterwards.
 ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

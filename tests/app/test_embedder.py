@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -41,22 +40,26 @@ def expected(plain, images) -> np.ndarray:
     return plain.embed(images)
 
 
+def outcomes(embedder: BatchingEmbedder, *requests: list) -> list:
+    """Each request's embeddings or exception; all are queued before the first batch forms."""
+    futures = [embedder.submit(request) for request in requests]
+    return [future.exception() or future.result() for future in futures]
+
+
 def batching(plain: Embedder, sizes: list[int], **kwargs) -> BatchingEmbedder:
     kwargs.setdefault("max_batch", 8)
     kwargs.setdefault("max_wait_ms", 300)
     return BatchingEmbedder(plain, on_batch=sizes.append, **kwargs)
 
 
-def test_concurrent_async_callers_share_one_batch(plain, images, expected):
+def test_concurrent_callers_share_one_batch(plain, images, expected):
     sizes: list[int] = []
     embedder = batching(plain, sizes)
     requests = [images[i : i + 2] for i in range(0, 8, 2)]
 
-    async def main():
-        return await asyncio.gather(*(embedder.embed(r) for r in requests))
-
     try:
-        results = asyncio.run(main())
+        futures = [embedder.submit(r) for r in requests]  # queued before the first batch forms
+        results = [future.result() for future in futures]
     finally:
         embedder.close()
     assert sizes == [8]  # four callers, one forward pass
@@ -72,11 +75,9 @@ def test_batches_never_exceed_max_batch_and_a_big_request_is_chunked(plain, imag
     embedder = batching(plain, sizes)
     requests = [images[i : i + 2] for i in range(0, 10, 2)] + [images[:20]]
 
-    async def main():
-        return await asyncio.gather(*(embedder.embed(r) for r in requests))
-
     try:
-        results = asyncio.run(main())
+        futures = [embedder.submit(r) for r in requests]  # queued before the first batch forms
+        results = [future.result() for future in futures]
     finally:
         embedder.close()
     assert sizes == [8, 2, 8, 8, 4]  # 4 requests, then 1 that the big one does not fit with
@@ -93,7 +94,7 @@ def test_sync_callers_from_threads_are_batched(plain, images, expected):
 
     def call(i: int) -> None:
         barrier.wait()
-        results[i] = embedder.embed_sync([images[i]])
+        results[i] = embedder.embed([images[i]])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
     for thread in threads:
@@ -110,16 +111,8 @@ def test_a_bad_request_fails_alone(plain, images, expected):
     sizes: list[int] = []
     embedder = batching(plain, sizes)
 
-    async def main():
-        return await asyncio.gather(
-            embedder.embed(images[:2]),
-            embedder.embed([images[2], "not an image"]),
-            embedder.embed(images[3:5]),
-            return_exceptions=True,
-        )
-
     try:
-        good, bad, other = asyncio.run(main())
+        good, bad, other = outcomes(embedder, images[:2], [images[2], "not an image"], images[3:5])
     finally:
         embedder.close()
     assert isinstance(bad, TypeError) and "PIL image" in str(bad)
@@ -146,14 +139,9 @@ def test_a_failing_forward_pass_fails_exactly_its_batch(plain, images, expected)
     sizes: list[int] = []
     embedder = batching(FlakyEmbedder(plain), sizes, max_batch=4)
 
-    async def main():
-        return await asyncio.gather(
-            *(embedder.embed(images[i : i + 2]) for i in (0, 2, 4)), return_exceptions=True
-        )
-
     try:
-        first, second, third = asyncio.run(main())
-        later = embedder.embed_sync(images[:1])
+        first, second, third = outcomes(embedder, *(images[i : i + 2] for i in (0, 2, 4)))
+        later = embedder.embed(images[:1])
     finally:
         embedder.close()
     assert sizes == [4, 2, 1]
@@ -165,13 +153,13 @@ def test_a_failing_forward_pass_fails_exactly_its_batch(plain, images, expected)
 
 def test_close_rejects_new_work_and_empty_requests_need_no_model(plain, images):
     embedder = BatchingEmbedder(plain, threads=1)
-    assert embedder.embed_sync([]).shape == (0, DIM)
-    assert embedder.embed_sync(images[:1]).shape == (1, DIM)
+    assert embedder.embed([]).shape == (0, DIM)
+    assert embedder.embed(images[:1]).shape == (1, DIM)
     embedder.close()
     embedder.close()  # idempotent
     assert embedder.closed
     with pytest.raises(EmbedderClosed):
-        embedder.embed_sync(images[:1])
+        embedder.embed(images[:1])
 
 
 def test_registry_loads_each_model_once_under_concurrency(artifact, plain, monkeypatch, images):
@@ -202,11 +190,11 @@ def test_registry_loads_each_model_once_under_concurrency(artifact, plain, monke
         with pytest.raises(ValueError, match="evict it"):
             registry.get("1", artifact.parent / "elsewhere")
         first = got[0]
-        assert asyncio.run(registry.aget("1", artifact)) is first
+        assert registry.get("1", artifact) is first
         assert registry.evict("1") and first.closed and not registry.evict("1")
         second = registry.get("1", artifact)
         assert second is not first and len(loads) == 2
-        assert second.embed_sync(images[:2]).shape == (2, DIM)
+        assert second.embed(images[:2]).shape == (2, DIM)
     finally:
         registry.close()
     assert second.closed and registry.loaded() == []
@@ -218,7 +206,7 @@ def test_prepared_images_skip_preprocessing_and_must_fit_the_model(plain, images
         prepared = embedder.prepare(images[:2])
         assert all(t.is_floating_point() for t in prepared)
         np.testing.assert_allclose(
-            embedder.submit(prepared).result(10), embedder.embed_sync(images[:2]), atol=1e-6
+            embedder.submit(prepared).result(10), embedder.embed(images[:2]), atol=1e-6
         )
         with pytest.raises(TypeError, match="prepared image"):
             embedder.submit([torch.zeros(3, 7, 7)]).result(10)

@@ -30,23 +30,21 @@ from app.main import create_app
 from app.services.jobs.base import now
 from app.services.jobs.lifecycle import claim, fail_lost_jobs, fail_worker_jobs
 from app.services.runtime import Runtime
-from tests.app.conftest import migrated_runtime, png, worker_settings
+from tests.app.conftest import TINY_TRAINING, migrated_runtime, png, worker_settings
 from tests.conftest import free_port, write_image_folder
 
 REDIS_DB = 13  # nobody else on this machine uses it; keys also carry a per-run prefix
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 JOBS = "/api/v1/jobs"
-TINY_TRAINING = {
-    "image_size": 32,
-    "batch_size": 8,
-    "samples_per_class": 2,
-    "embedding_dim": 16,
-    "weights": "none",
-    "iterations": 4,
-    "iterations_per_epoch": 2,
-    "eval_batch_size": 32,
-    "lr": 1e-3,
-}
+TRAINING = {**TINY_TRAINING, "iterations": 4}
+
+
+def delete_broker_keys(prefix: str) -> None:
+    """What a test's broker left in Redis (its keys carry the test's prefix)."""
+    connection = redis.Redis.from_url(REDIS_URL)
+    keys = list(connection.scan_iter(f"{prefix}*"))
+    if keys:
+        connection.delete(*keys)
 
 
 def _redis_available() -> bool:
@@ -149,10 +147,7 @@ def redis_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestCl
             yield client, worker
     finally:
         worker.stop()
-        connection = redis.Redis.from_url(REDIS_URL)
-        keys = list(connection.scan_iter(f"{prefix}*"))
-        if keys:
-            connection.delete(*keys)
+        delete_broker_keys(prefix)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +180,7 @@ def test_train_evaluate_and_index_end_to_end(redis_env, ids):
         {
             "dataset_id": ids["dataset"],
             "method": "margin",
-            "hyperparameters": TINY_TRAINING,
+            "hyperparameters": TRAINING,
             "baseline_model_id": ids["model"],
         },
     )
@@ -280,7 +275,7 @@ def test_idempotency_key_returns_the_same_job(redis_env, ids):
 def test_cancel_a_running_and_a_queued_job(redis_env, ids):
     client, _ = redis_env
     models_before = len(client.get("/api/v1/models").json())
-    long_run = {**TINY_TRAINING, "iterations": 100_000, "iterations_per_epoch": 100_000}
+    long_run = {**TRAINING, "iterations": 100_000, "iterations_per_epoch": 100_000}
     training = submit(client, "train", {"dataset_id": ids["dataset"], "hyperparameters": long_run})
     # The only worker is busy with the training, so this one waits in the queue.
     waiting = submit(client, "evaluate", {"model_id": ids["model"], "dataset_id": ids["dataset"]})
@@ -411,7 +406,7 @@ def test_a_killed_worker_leaves_its_job_failed_with_a_reason(tmp_path):
             dataset = client.post(
                 "/api/v1/datasets", json={"name": "tiny", "kind": "imagefolder", "path": "tiny"}
             ).json()
-            long_run = {**TINY_TRAINING, "iterations": 100_000, "iterations_per_epoch": 100_000}
+            long_run = {**TRAINING, "iterations": 100_000, "iterations_per_epoch": 100_000}
             params = {"dataset_id": dataset["id"], "hyperparameters": long_run}
             job = submit(client, "train", params)
             wait_for(client, job["id"], lambda j: j["state"] == "running" and j["step"])
@@ -425,10 +420,7 @@ def test_a_killed_worker_leaves_its_job_failed_with_a_reason(tmp_path):
             assert client.get(JOBS, params={"state": "running"}).json()["total"] == 0
     finally:
         worker.stop()
-        connection = redis.Redis.from_url(REDIS_URL)
-        keys = list(connection.scan_iter(f"{prefix}*"))
-        if keys:
-            connection.delete(*keys)
+        delete_broker_keys(prefix)
 
 
 @needs_redis
@@ -466,10 +458,7 @@ def test_a_killed_prefork_child_fails_its_job_at_once(tmp_path):
             assert "SIGKILL" in failed["error"]
     finally:
         worker.stop()
-        connection = redis.Redis.from_url(REDIS_URL)
-        keys = list(connection.scan_iter(f"{prefix}*"))
-        if keys:
-            connection.delete(*keys)
+        delete_broker_keys(prefix)
 
 
 @pytest.fixture

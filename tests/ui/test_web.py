@@ -22,25 +22,14 @@ import pytest
 from app.core.config import Settings
 from app.local import serve_processes
 from app.services.jobs.base import GPU_QUEUE
-from tests.app.conftest import png, worker_settings
+from tests.app.conftest import TINY_TRAINING, png, worker_settings
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 API_KEY = "ui-test-key"
 TIMEOUT_MS = 20_000
-# TrainConfig overrides of a training run that takes seconds on a CPU.
-TINY_TRAINING = {
-    "image_size": 32,
-    "batch_size": 8,
-    "samples_per_class": 2,
-    "embedding_dim": 16,
-    "weights": "none",
-    "iterations_per_epoch": 2,
-    "eval_batch_size": 32,
-    "lr": 1e-3,
-    "eval_train": True,
-}
+TRAINING = {**TINY_TRAINING, "eval_train": True}
 
 
 def find_chromium() -> str | None:
@@ -250,7 +239,7 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     page.locator("#train-budget").fill("4")
     page.locator("#train-budget-kind").select_option("iterations")
     page.locator("#train-name").fill("tiny-margin")
-    page.locator("#train-hyperparameters").fill(json.dumps(TINY_TRAINING))
+    page.locator("#train-hyperparameters").fill(json.dumps(TRAINING))
     shot(page, "05-jobs-form")
     page.get_by_role("button", name="Start training").click()
     expect(page.locator("#jobs-list tr[data-job-id]")).to_have_count(1)

@@ -17,22 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from training.data.benchmarks.common import (
-    SPLITS,
-    THUMBNAIL_SIDE,
-    build_benchmark,
-    fit_on_white,
-    keep_distinct,
-    move_samples,
-    parallel_map,
-    save_png,
-    sha1_key,
-    thumbnail,
-)
-from training.data.benchmarks.debian import (
-    UnpackedPackage,
-    resolve_link,
-)
+from training.data.benchmarks import common
+from training.data.benchmarks.debian import UnpackedPackage, resolve_link
 from training.data.records import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +83,7 @@ CHARACTER_SETS = (
     ("big5", range(0xA4, 0xC7), (*range(0x40, 0x7F), *_EUC_CELLS)),  # Big5 level 1
 )
 UNIFIED_IDEOGRAPHS = (0x4E00, 0x9FFF)  # keep U+4E00..U+9FFF (CJK Unified Ideographs block)
-# Drop near-duplicate renders between fonts that share outlines (thumbnail difference under
+# Drop near-duplicate renders between fonts that share outlines (common.thumbnail difference under
 # about 3 grey levels, docs/benchmarks.md).
 NEAR_DUPLICATE_MAD = 3.0
 # Our addition: a class needs a second sample to be a retrieval query with a positive.
@@ -144,8 +130,10 @@ def build_cjk(
     `max_classes` keeps the first N classes of each split by sorted folder name. Returns at once
     when `out` already holds a complete build with the same parameters.
     """
-    if size < THUMBNAIL_SIDE:
-        raise DatasetError(f"--size {size} is too small; use at least {THUMBNAIL_SIDE} pixels")
+    if size < common.THUMBNAIL_SIDE:
+        raise DatasetError(
+            f"--size {size} is too small; use at least {common.THUMBNAIL_SIDE} pixels"
+        )
     if max_classes is not None and max_classes < 1:
         raise DatasetError(f"--max-classes {max_classes} must be at least 1")
 
@@ -159,7 +147,7 @@ def build_cjk(
             progress=progress,
         )
 
-    return build_benchmark(
+    return common.build_benchmark(
         out,
         BENCHMARK,
         {"size": size, "max_classes": max_classes, "format_version": FORMAT_VERSION},
@@ -198,7 +186,7 @@ def class_folder(character: str) -> str:
 
 def split_characters(characters: Sequence[str]) -> tuple[list[str], list[str]]:
     """(train, test): characters ordered by sha1 of their UTF-8; first half train."""
-    order = sorted(characters, key=sha1_key)
+    order = sorted(characters, key=common.sha1_key)
     half = len(order) // 2
     return order[:half], order[half:]
 
@@ -206,7 +194,7 @@ def split_characters(characters: Sequence[str]) -> tuple[list[str], list[str]]:
 def select_characters(characters: Sequence[str], max_classes: int | None) -> dict[str, list[str]]:
     """{split: characters}, each split cut to its first `max_classes` by sorted folder name."""
     selected = {}
-    for split, members in zip(SPLITS, split_characters(characters), strict=True):
+    for split, members in zip(common.SPLITS, split_characters(characters), strict=True):
         ordered = sorted(members, key=class_folder)
         selected[split] = ordered[:max_classes] if max_classes else ordered
     return selected
@@ -245,10 +233,10 @@ def assemble_cjk(
 
     Returns the manifest fields that describe the content: sources, drops, characters.
     """
-    everything = [c for split in SPLITS for c in characters[split]]
+    everything = [c for split in common.SPLITS for c in characters[split]]
     renders_dir = target / RENDERS_FOLDER
     jobs = [FontJob(font, everything, renders_dir, size) for font in fonts]
-    results = parallel_map(
+    results = common.parallel_map(
         render_font_job, jobs, workers=workers, progress=progress, desc="render fonts"
     )
     dropped: Counter[str] = Counter()
@@ -263,7 +251,7 @@ def assemble_cjk(
     font_order = [font.name for font in fonts]
     kept_per_split: dict[str, list[str]] = {}
     samples_per_font: Counter[str] = Counter()
-    for split in SPLITS:
+    for split in common.SPLITS:
         kept_per_split[split] = []
         for character in characters[split]:
             kept = distinct_samples(thumbs[character], font_order)
@@ -271,7 +259,7 @@ def assemble_cjk(
             if len(kept) < MIN_SAMPLES_PER_CLASS:
                 dropped[TOO_FEW] += len(kept)
                 continue
-            move_samples(renders_dir, target / split, class_folder(character), kept)
+            common.move_samples(renders_dir, target / split, class_folder(character), kept)
             samples_per_font.update(kept)
             kept_per_split[split].append(character)
     if not any(kept_per_split.values()):
@@ -283,7 +271,7 @@ def assemble_cjk(
         "dropped": dict(sorted(dropped.items())),
         "samples_per_font": {name: samples_per_font[name] for name in font_order},
         "characters": {
-            split: {class_folder(c): c for c in kept_per_split[split]} for split in SPLITS
+            split: {class_folder(c): c for c in kept_per_split[split]} for split in common.SPLITS
         },
     }
 
@@ -295,7 +283,7 @@ def distinct_samples(thumbs: Mapping[str, np.ndarray], font_order: Sequence[str]
         return []
     stack = np.stack([thumbs[name] for name in fonts])
     thresholds = np.full((len(fonts), len(fonts)), NEAR_DUPLICATE_MAD, dtype=np.float32)
-    return [fonts[i] for i in keep_distinct(stack, thresholds)]
+    return [fonts[i] for i in common.keep_distinct(stack, thresholds)]
 
 
 @dataclass(frozen=True)
@@ -309,7 +297,7 @@ class FontJob:
 def render_font_job(job: FontJob) -> list[np.ndarray | str]:
     """Render every character in one font to `renders_dir/U+XXXX/<font>.png`.
 
-    Per character: its thumbnail, or the reason it has no sample in this font.
+    Per character: its common.thumbnail, or the reason it has no sample in this font.
     """
     font = load_font(job.font, job.size)
     notdef = render_glyph(font, NOTDEF_PROBE)
@@ -321,9 +309,11 @@ def render_font_job(job: FontJob) -> list[np.ndarray | str]:
         elif notdef is not None and same_bitmap(glyph, notdef):
             outcomes.append(NOTDEF)
         else:
-            image = fit_on_white(ImageOps.invert(glyph), job.size)
-            save_png(image, job.renders_dir / class_folder(character) / f"{job.font.name}.png")
-            outcomes.append(thumbnail(image))
+            image = common.fit_on_white(ImageOps.invert(glyph), job.size)
+            common.save_png(
+                image, job.renders_dir / class_folder(character) / f"{job.font.name}.png"
+            )
+            outcomes.append(common.thumbnail(image))
     return outcomes
 
 
@@ -353,7 +343,7 @@ def same_bitmap(first: Image.Image, second: Image.Image) -> bool:
 
 
 def _describe(font: LocatedFont) -> dict[str, object]:
-    family, style = load_font(font, THUMBNAIL_SIDE).getname()
+    family, style = load_font(font, common.THUMBNAIL_SIDE).getname()
     return {
         "package": font.source.package,
         "version": font.version,
