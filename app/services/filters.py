@@ -77,3 +77,34 @@ def metadata_matches(metadata: dict[str, Any] | None, wanted: dict[str, Metadata
         elif not (isinstance(stored, str) and stored == value):
             return False
     return True
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """Which hits a search answers with: up to `k` per query after skipping `offset`, only
+    images that pass `filters`, none below the cosine similarity `min_score`."""
+
+    k: int = 10
+    offset: int = 0
+    filters: Filters | None = None
+    min_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.offset < 0:
+            raise ValueError(f"k and offset must be >= 0, got k={self.k}, offset={self.offset}")
+
+    @property
+    def end(self) -> int:
+        """How many ranked hits per query the page needs from the index."""
+        return self.offset + self.k
+
+    def cut(self, ranked: list[list[tuple[int, float]]]) -> list[list[tuple[int, float]]]:
+        """Each query's hits (id, score), ranked from the first, reduced to this page."""
+        return [
+            [
+                (i, s)
+                for i, s in row[self.offset : self.end]
+                if self.min_score is None or s >= self.min_score
+            ]
+            for row in ranked
+        ]

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from app.core.config import Settings
-    from app.services.filters import Filters
+    from app.services.filters import SearchPage
 
 
 @dataclass
@@ -91,17 +91,9 @@ class IndexBackend(Protocol):
         ...
 
     def search(
-        self,
-        session: Session,
-        gallery: Gallery,
-        queries: np.ndarray,
-        k: int,
-        *,
-        offset: int = 0,
-        filters: Filters | None = None,
-        min_score: float | None = None,
+        self, session: Session, gallery: Gallery, queries: np.ndarray, page: SearchPage
     ) -> Hits:
-        """Up to k hits per query after skipping `offset`, only images that pass `filters`."""
+        """The `page` of hits of each query (`SearchPage`: k, offset, filters, min_score)."""
         ...
 
     def live_count(self, gallery: Gallery) -> int | None:

@@ -37,7 +37,7 @@ from app.index_store import (
     rerank_exact,
 )
 from app.services.errors import Conflict, ServiceError
-from app.services.filters import Filters, allowed_ids
+from app.services.filters import SearchPage, allowed_ids
 from app.services.index_backend import Hits, IndexRows, Reconciled, cannot_build
 
 log = logging.getLogger(__name__)
@@ -361,20 +361,14 @@ class IndexManager:
         return report
 
     def search(
-        self,
-        session: Session,
-        gallery: Gallery,
-        queries: np.ndarray,
-        k: int,
-        *,
-        offset: int = 0,
-        filters: Filters | None = None,
-        min_score: float | None = None,
+        self, session: Session, gallery: Gallery, queries: np.ndarray, page: SearchPage
     ) -> Hits:
-        allowed = allowed_ids(session, gallery.id, filters) if filters else None
+        allowed = allowed_ids(session, gallery.id, page.filters) if page.filters else None
         index = self.index_for(gallery)
         if index.index_type is not IndexType.ivfpq:
-            return index.search(queries, k, offset=offset, allowed_ids=allowed, min_score=min_score)
+            return index.search(
+                queries, page.k, offset=page.offset, allowed_ids=allowed, min_score=page.min_score
+            )
         rows = refined_search(
             session,
             gallery.model_id,
@@ -382,12 +376,9 @@ class IndexManager:
             index.params,
             lambda q, n: index.search(q, n, allowed_ids=allowed),
             queries,
-            k + offset,
+            page.end,
         )
-        return [
-            [(i, s) for i, s in row[offset : offset + k] if min_score is None or s >= min_score]
-            for row in rows
-        ]
+        return page.cut(rows)
 
     def live_count(self, gallery: Gallery) -> int | None:
         index = self.store.get(gallery.id, gallery.model_id)

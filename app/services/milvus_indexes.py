@@ -44,7 +44,7 @@ from app.milvus_index import (
     search_params,
 )
 from app.services.errors import Conflict, ServiceError
-from app.services.filters import Filters, metadata_matches
+from app.services.filters import Filters, SearchPage, metadata_matches
 from app.services.index_backend import Hits, IndexRows, Reconciled, cannot_build
 from app.services.indexes import (
     _stored_ids,
@@ -181,22 +181,12 @@ class MilvusIndexManager:
     # Searching.
 
     def search(
-        self,
-        session: Session,
-        gallery: Gallery,
-        queries: np.ndarray,
-        k: int,
-        *,
-        offset: int = 0,
-        filters: Filters | None = None,
-        min_score: float | None = None,
+        self, session: Session, gallery: Gallery, queries: np.ndarray, page: SearchPage
     ) -> Hits:
-        if k < 0 or offset < 0:
-            raise ValueError(f"k and offset must be >= 0, got k={k}, offset={offset}")
-        want = k + offset
-        if want == 0:
+        if page.end == 0:
             return [[] for _ in range(len(queries))]
         self._reconcile_if_pending(gallery.id)
+        filters = page.filters
         expr = _expression(filters)
         check_meta = bool(filters and filters.metadata)
         try:
@@ -208,16 +198,12 @@ class MilvusIndexManager:
                 params,
                 lambda q, n: self._search(name, kind, params, q, n, expr, filters, check_meta),
                 queries,
-                want,
+                page.end,
             )
         except (EngineUnavailable, EngineError) as error:
             self._active.pop(gallery.id, None)
             raise self._unavailable(error) from error
-        results = []
-        for row in rows:
-            page = row[offset : offset + k]
-            results.append([(i, s) for i, s in page if min_score is None or s >= min_score])
-        return results
+        return page.cut(rows)
 
     def _search(
         self,

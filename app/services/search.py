@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy import select
@@ -20,7 +20,7 @@ from app.db.models import Gallery, Image, ImageEmbedding
 from app.embedder import BatchingEmbedder
 from app.imaging import ImageRejected, check_request_pixels
 from app.services.errors import Conflict, Invalid, ServiceError
-from app.services.filters import Filters
+from app.services.filters import Filters, SearchPage
 from app.services.galleries import get_gallery
 from app.services.images import decode_for_embedding, get_image
 from app.services.indexes import vectors_from_rows
@@ -83,17 +83,13 @@ def search_images(
     session: Session,
     gallery_id: int,
     files: Sequence[bytes],
-    *,
-    k: int,
-    offset: int = 0,
-    filters: Filters | None = None,
-    min_score: float | None = None,
+    page: SearchPage,
 ) -> SearchOutcome:
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
     embedder = embedder_for(runtime, gallery.model)
     vectors = embedder.embed(decode_queries(runtime, files, embedder))
-    return _search(runtime, session, gallery, vectors, k, offset, filters, min_score, started)
+    return _search(runtime, session, gallery, vectors, page, started)
 
 
 def search_vector(
@@ -101,11 +97,7 @@ def search_vector(
     session: Session,
     gallery_id: int,
     vectors: Sequence[Sequence[float]],
-    *,
-    k: int,
-    offset: int = 0,
-    filters: Filters | None = None,
-    min_score: float | None = None,
+    page: SearchPage,
 ) -> SearchOutcome:
     started = time.perf_counter()
     gallery = get_gallery(session, gallery_id)
@@ -119,18 +111,14 @@ def search_vector(
         )
     if not np.isfinite(queries).all() or not (np.linalg.norm(queries, axis=1) > 0).all():
         raise Invalid("vectors must be finite and not all zero")
-    return _search(runtime, session, gallery, queries, k, offset, filters, min_score, started)
+    return _search(runtime, session, gallery, queries, page, started)
 
 
 def similar_images(
     runtime: Runtime,
     session: Session,
     image_id: int,
-    *,
-    k: int,
-    offset: int = 0,
-    filters: Filters | None = None,
-    min_score: float | None = None,
+    page: SearchPage,
 ) -> SearchOutcome:
     """Neighbours of an image already in a gallery (itself excluded), by its stored vector."""
     started = time.perf_counter()
@@ -144,11 +132,11 @@ def similar_images(
     if stored is None:  # the gallery switched models after this image was read
         raise Conflict(f"image {image_id} has no embedding by the gallery's model yet; retry")
     vector = vectors_from_rows([stored], gallery.model.embedding_dim)
-    outcome = _search(
-        runtime, session, gallery, vector, offset + k + 1, 0, filters, min_score, started
-    )
+    # One more than the page asks for, from the first hit: the image itself is among them.
+    wider = replace(page, k=page.offset + page.k + 1, offset=0)
+    outcome = _search(runtime, session, gallery, vector, wider, started)
     hits = [hit for hit in outcome.hits[0] if hit.image.id != image_id]
-    outcome.hits = [hits[offset : offset + k]]
+    outcome.hits = [hits[page.offset : page.offset + page.k]]
     return outcome
 
 
@@ -157,20 +145,15 @@ def _search(
     session: Session,
     gallery: Gallery,
     queries: np.ndarray,
-    k: int,
-    offset: int,
-    filters: Filters | None,
-    min_score: float | None,
+    page: SearchPage,
     started: float,
 ) -> SearchOutcome:
-    if k + offset > runtime.settings.max_k:
+    if page.k + page.offset > runtime.settings.max_k:
         raise Invalid(
-            f"k + offset = {k + offset} is above the limit of {runtime.settings.max_k}; "
-            "narrow the search with filters or a minimum score"
+            f"k + offset = {page.k + page.offset} is above the limit of "
+            f"{runtime.settings.max_k}; narrow the search with filters or a minimum score"
         )
-    found = runtime.indexes.search(
-        session, gallery, queries, k, offset=offset, filters=filters, min_score=min_score
-    )
+    found = runtime.indexes.search(session, gallery, queries, page)
     images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
     hits = [
         [Hit(images[image_id], score) for image_id, score in row if image_id in images]
@@ -200,9 +183,8 @@ def classify(
     )
     if labelled is None:
         raise Invalid(f"gallery {gallery_id} has no labelled images to vote; upload some labels")
-    found = runtime.indexes.search(
-        session, gallery, vectors, k, filters=Filters(labelled_only=True)
-    )
+    voters = SearchPage(k, filters=Filters(labelled_only=True))
+    found = runtime.indexes.search(session, gallery, vectors, voters)
     images = _images_by_id(session, {image_id for hits in found for image_id, _ in hits})
     hits = [
         [Hit(images[image_id], score) for image_id, score in row if image_id in images]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, File, Form, Query, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Query, UploadFile
 
 from app.api.deps import ReadAccess, RuntimeDep, SessionDep
 from app.api.schemas import (
@@ -17,6 +17,8 @@ from app.api.schemas import (
 )
 from app.services import search as service
 from app.services.errors import Invalid
+from app.services.filters import Filters
+from app.services.search import SearchPage
 
 router = APIRouter(tags=["search"], dependencies=[ReadAccess])
 
@@ -32,11 +34,22 @@ MinScore = Annotated[
 ]
 
 
-def _filters(label: list[str] | None, metadata: str | None) -> service.Filters:
+def form_page(
+    k: K = 10,
+    offset: Offset = 0,
+    label: Labels = None,
+    metadata: MetadataFilter = None,
+    min_score: MinScore = None,
+) -> SearchPage:
+    """The page of hits an image search asks for, from its form fields."""
     try:
-        return service.Filters(label or None, parse_metadata_filter(metadata))
+        filters = Filters(label or None, parse_metadata_filter(metadata))
     except ValueError as error:
         raise Invalid(str(error)) from None
+    return SearchPage(k, offset, filters, min_score)
+
+
+FormPage = Annotated[SearchPage, Depends(form_page)]
 
 
 def _read(files: list[UploadFile]) -> list[bytes]:
@@ -49,23 +62,10 @@ def search(
     runtime: RuntimeDep,
     session: SessionDep,
     image: Annotated[UploadFile, File(description="The query image.")],
-    k: K = 10,
-    offset: Offset = 0,
-    label: Labels = None,
-    metadata: MetadataFilter = None,
-    min_score: MinScore = None,
+    page: FormPage,
 ) -> SearchResponse:
     """The k gallery images most similar to the query image (cosine similarity, best first)."""
-    outcome = service.search_images(
-        runtime,
-        session,
-        gallery_id,
-        _read([image]),
-        k=k,
-        offset=offset,
-        filters=_filters(label, metadata),
-        min_score=min_score,
-    )
+    outcome = service.search_images(runtime, session, gallery_id, _read([image]), page)
     return SearchResponse.of(outcome)
 
 
@@ -75,25 +75,12 @@ def search_batch(
     runtime: RuntimeDep,
     session: SessionDep,
     images: Annotated[list[UploadFile], File(description="Several query images.")],
-    k: K = 10,
-    offset: Offset = 0,
-    label: Labels = None,
-    metadata: MetadataFilter = None,
-    min_score: MinScore = None,
+    page: FormPage,
 ) -> BatchSearchResponse:
     """Several query images in one request, embedded as one batch; results per query."""
     if len(images) > runtime.settings.max_files_per_request:
         raise Invalid(f"send at most {runtime.settings.max_files_per_request} query images")
-    outcome = service.search_images(
-        runtime,
-        session,
-        gallery_id,
-        _read(images),
-        k=k,
-        offset=offset,
-        filters=_filters(label, metadata),
-        min_score=min_score,
-    )
+    outcome = service.search_images(runtime, session, gallery_id, _read(images), page)
     return BatchSearchResponse.of(outcome)
 
 
@@ -102,16 +89,8 @@ def search_vector(
     gallery_id: Id, body: Annotated[VectorSearch, Body()], runtime: RuntimeDep, session: SessionDep
 ) -> SearchResponse:
     """Search with an embedding computed elsewhere (it must have the model's dimension)."""
-    outcome = service.search_vector(
-        runtime,
-        session,
-        gallery_id,
-        [body.vector],
-        k=body.k,
-        offset=body.offset,
-        filters=body.filters(),
-        min_score=body.min_score,
-    )
+    page = SearchPage(body.k, body.offset, body.filters(), body.min_score)
+    outcome = service.search_vector(runtime, session, gallery_id, [body.vector], page)
     return SearchResponse.of(outcome)
 
 
@@ -126,15 +105,8 @@ def similar(
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
 ) -> SearchResponse:
     """Images similar to one already in a gallery (itself excluded); nothing is uploaded."""
-    outcome = service.similar_images(
-        runtime,
-        session,
-        image_id,
-        k=k,
-        offset=offset,
-        filters=service.Filters(label or None),
-        min_score=min_score,
-    )
+    page = SearchPage(k, offset, Filters(label or None), min_score)
+    outcome = service.similar_images(runtime, session, image_id, page)
     return SearchResponse.of(outcome)
 
 
