@@ -241,7 +241,7 @@ class EmbedderRegistry:
     ONNX Runtime when its export checks out (`training.export`), else on torch.
 
     `get` is thread-safe: concurrent first calls for one key load the model once (others wait);
-    different keys load in parallel. Loading takes seconds: from async code use `aget`.
+    different keys load in parallel. Loading takes seconds: call it from a worker thread.
     """
 
     def __init__(
