@@ -13,7 +13,13 @@ import typer
 
 from app.core.config import get_settings
 from app.local import serve_processes, worker_node_name
+from lookalike import cli as client_cli
 from training.cli import app as cli
+
+# The client's commands, against a running server (lookalike/cli.py).
+cli.command()(client_cli.search)
+cli.command()(client_cli.upload)
+cli.add_typer(client_cli.jobs_cli, name="jobs")
 
 
 @cli.command()
