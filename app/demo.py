@@ -4,8 +4,9 @@
 2. Start the API on http://127.0.0.1:8000 with its local gpu and cpu workers (`lookalike serve`:
    SQLite, on-disk FAISS, the embedded SQLite broker; no Redis, no Postgres). Start-up registers
    the built-in pretrained model.
-3. Over the REST API, as any client would: register the benchmark as a dataset, create the
-   gallery `icons-test` and fill it with the test split (an import job), answer a search.
+3. Over the REST API with the Python client (lookalike.client), as any user would: register
+   the benchmark as a dataset, create the gallery `icons-test` and fill it with the test split
+   (an import job), answer a search.
 4. Train the best method measured on IconThemes (DVML+margin, preset dvml-icons; docs/results.md)
    on the train split (a job on the gpu queue, a few CPU minutes). The job measures the trained
    and the built-in model on the same test split (classes never seen in training); the demo
@@ -18,23 +19,18 @@ run only starts the server. All state lives in Settings.data_dir (default ./var)
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import mimetypes
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+import httpx
 import typer
 
 from app.core.config import Settings
+from lookalike.client import Client, JobFailed, LookalikeError
 
 DATASET = "icons"
 GALLERY = "icons-test"
@@ -48,88 +44,28 @@ class DemoError(Exception):
     """A step failed; the message says what to do."""
 
 
-class Client:
-    """A minimal JSON + multipart client on the standard library (the demo needs no extras)."""
+def wait_for(
+    client: Client, job: dict[str, Any], what: str, stop: threading.Event, report_s: float = 15.0
+) -> dict[str, Any]:
+    """Wait for a job to end; print its progress when the state changes and at most every
+    `report_s` seconds while it runs. Ctrl-C (`stop`) ends the wait."""
+    last: dict[str, Any] = {"state": "", "at": 0.0}
 
-    def __init__(self, base: str, api_key: str | None, stop: threading.Event) -> None:
-        self.base = base
-        self.api_key = api_key
-        self.stop = stop
+    def report(current: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if current["state"] != last["state"] or now - last["at"] >= report_s:
+            typer.echo(f"  {what}: {progress_line(current)}")
+            last.update(state=current["state"], at=now)
+        if stop.is_set():
+            raise Stopped
 
-    def request(self, method: str, path: str, body: Any = None, files=None, form=None) -> Any:
-        headers = {"Accept": "application/json"}
-        if self.api_key:
-            headers["X-API-Key"] = self.api_key
-        data = None
-        if files is not None:
-            data, content_type = multipart(form or {}, files)
-            headers["Content-Type"] = content_type
-        elif body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.base + path, data, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                text = response.read()
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                detail = json.loads(detail)["detail"]
-            raise DemoError(f"{method} {path} answered {error.code}: {detail}") from None
-        return json.loads(text) if text else None
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def status(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    def post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        return self.request("POST", path, body, **kwargs)
-
-    def wait_job(
-        self, job: dict[str, Any], what: str, every: float = 2.0, report_s: float = 15.0
-    ) -> dict[str, Any]:
-        """Poll a job until it ends; print its progress when the state changes and at most
-        every `report_s` seconds while it runs."""
-        last_state, last_report = "", 0.0
-        while True:
-            job = self.get(f"/api/v1/jobs/{job['id']}")
-            now = time.monotonic()
-            if job["state"] != last_state or now - last_report >= report_s:
-                typer.echo(f"  {what}: {progress_line(job)}")
-                last_state, last_report = job["state"], now
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                if job["state"] != "succeeded":
-                    raise DemoError(
-                        f"{what} (job {job['id']}) {job['state']}: {job.get('error')}; its log: "
-                        f"GET /api/v1/jobs/{job['id']}/logs"
-                    )
-                return job
-            if self.stop.wait(every):
-                raise Stopped
-
-
-def multipart(form: dict[str, str], files: list[tuple[str, Path]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for name, value in form.items():
-        header = f'Content-Disposition: form-data; name="{name}"'
-        parts.append(f"--{boundary}\r\n{header}\r\n\r\n{value}\r\n".encode())
-    for name, path in files:
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-            f'filename="{path.name}"\r\nContent-Type: {kind}\r\n\r\n'.encode()
-            + path.read_bytes()
-            + b"\r\n"
-        )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    try:
+        return client.wait_job(job["id"], poll_s=2.0, on_progress=report)
+    except JobFailed as failed:
+        raise DemoError(
+            f"{what} (job {job['id']}) {failed.job['state']}: {failed.job.get('error')}; its "
+            f"log: GET /api/v1/jobs/{job['id']}/logs"
+        ) from None
 
 
 def progress_line(job: dict[str, Any]) -> str:
@@ -156,9 +92,7 @@ def by_name(items: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
 
 def show_hits(client: Client, gallery_id: int, query: Path, label: str) -> float:
     started = time.perf_counter()
-    answer = client.post(
-        f"/api/v1/galleries/{gallery_id}/search", files=[("image", query)], form={"k": "5"}
-    )
+    answer = client.search(gallery_id, query, k=5)
     took = time.perf_counter() - started
     hits = ", ".join(f"{h['label']} ({h['score']:.2f})" for h in answer["results"])
     typer.echo(f"  query {query.parent.name}/{query.name} with {label}: {hits}")
@@ -213,11 +147,11 @@ def run_demo(
         with serve_processes(settings, host, port, worker_log_dir=logs) as service:
             # The demo prints what matters; one access-log line per progress poll would bury it.
             logging.getLogger("uvicorn.access").disabled = True
-            client = Client(service.url, service.api_key, stop)
-            banner(service.url, service.api_key_note, client)
+            client = Client(service.url, service.api_key)
+            banner(service.url, service.api_key_note)
             typer.echo(f"  job logs:  {logs}/worker-gpu.log, {logs}/worker-cpu.log")
-            gallery, query = fill_gallery(client, settings, relative)
-            model = client.get(f"/api/v1/models/{gallery['model_id']}")["name"]
+            gallery, query = fill_gallery(client, settings, relative, stop)
+            model = client.model(gallery["model_id"])["name"]
             took = show_hits(client, gallery["id"], query, model)
             elapsed = time.monotonic() - started
             typer.echo(
@@ -226,7 +160,7 @@ def run_demo(
             )
             example_curl(service.url, gallery["id"], query)
             if train:
-                train_and_reindex(client, gallery, query, method, train_minutes)
+                train_and_reindex(client, gallery, query, method, train_minutes, stop)
             typer.echo(f"[5/5] serving at {service.url} until Ctrl-C")
             while not stop.wait(1.0):
                 for queue in service.restart_dead_workers():
@@ -240,41 +174,36 @@ def run_demo(
             signal.signal(signum, handler)
 
 
-def banner(url: str, api_key_note: str, client: Client) -> None:
+def banner(url: str, api_key_note: str) -> None:
     typer.echo(f"  API:       {url}  (interactive docs: {url}/docs)")
-    if client.status("/") == 200:
+    if httpx.get(f"{url}/", timeout=10, follow_redirects=True).status_code == 200:
         typer.echo(f"  search page: {url}/")
     typer.echo(f"  {api_key_note}")
 
 
-def fill_gallery(client: Client, settings: Settings, relative: Path) -> tuple[dict, Path]:
+def fill_gallery(
+    client: Client, settings: Settings, relative: Path, stop: threading.Event
+) -> tuple[dict, Path]:
     """The dataset and the gallery of the test split (created and imported on the first run),
     less one held-out image: the example query, so its first hit is a real neighbour, not
     the query itself."""
     typer.echo(f"[3/5] gallery {GALLERY!r}: the benchmark's test split")
-    dataset = by_name(client.get("/api/v1/datasets"), DATASET)
+    dataset = by_name(client.datasets(), DATASET)
     if dataset is None:
-        dataset = client.post(
-            "/api/v1/datasets", {"name": DATASET, "kind": "imagefolder", "path": str(relative)}
-        )
-    gallery = by_name(client.get("/api/v1/galleries"), GALLERY)
+        dataset = client.register_dataset(DATASET, path=str(relative))
+    gallery = by_name(client.galleries(), GALLERY)
     if gallery is None:
-        gallery = client.post("/api/v1/galleries", {"name": GALLERY})  # the built-in model
+        gallery = client.create_gallery(GALLERY)  # the built-in model
     expected = dataset["splits"]["test"]["images"]
-    imports = client.get("/api/v1/jobs?type=import&state=succeeded&limit=200")["items"]
+    imports = client.jobs(job_type="import", state="succeeded")
     if not any(job["params"].get("gallery_id") == gallery["id"] for job in imports):
-        job = client.post(
-            "/api/v1/jobs",
-            {
-                "type": "import",
-                "params": {"gallery_id": gallery["id"], "folder": str(relative / "test")},
-            },
-        )
-        client.wait_job(job, f"importing {expected} images (job {job['id']})")
+        params = {"gallery_id": gallery["id"], "folder": str(relative / "test")}
+        job = client.submit_job("import", params)
+        wait_for(client, job, f"importing {expected} images (job {job['id']})", stop)
     test = settings.dataset_root.expanduser().absolute() / relative / "test"  # type: ignore[union-attr]
     query = held_out_query(test)
     hold_out(client, gallery["id"], query)
-    gallery = client.get(f"/api/v1/galleries/{gallery['id']}")
+    gallery = client.gallery(gallery["id"])
     count, model = gallery["image_count"], gallery["model_id"]
     typer.echo(
         f"  {count} images (identical files stored once; {query.parent.name}/{query.name} held "
@@ -294,11 +223,9 @@ def hold_out(client: Client, gallery_id: int, query: Path) -> None:
     from app.imaging import content_hash  # the digest the service stores for every image
 
     digest = content_hash(query.read_bytes())
-    label = query.parent.name
-    page = client.get(f"/api/v1/galleries/{gallery_id}/images?label={quote(label)}&limit=1000")
-    for image in page["items"]:
+    for image in client.images(gallery_id, label=query.parent.name):
         if image["content_hash"] == digest:
-            client.request("DELETE", f"/api/v1/images/{image['id']}")
+            client.delete_image(image["id"])
 
 
 def example_curl(url: str, gallery_id: int, query: Path) -> None:
@@ -307,19 +234,24 @@ def example_curl(url: str, gallery_id: int, query: Path) -> None:
 
 
 def train_and_reindex(
-    client: Client, gallery: dict, query: Path, method: str | None, minutes: float
+    client: Client,
+    gallery: dict,
+    query: Path,
+    method: str | None,
+    minutes: float,
+    stop: threading.Event,
 ) -> None:
     """Train (or find the model of an earlier run), compare it with the built-in model on the
     test split, and re-index the gallery with it only if it is better."""
     preset = demo_preset(method)
     name = f"icons-{preset}-demo"
-    model = by_name(client.get("/api/v1/models"), name)
+    model = by_name(client.models(), name)
     if model is None:
         typer.echo(
             f"[4/5] training preset {preset} on the train split ({minutes:g} minutes, "
             "validation included; then the test split is measured)"
         )
-        dataset = by_name(client.get("/api/v1/datasets"), DATASET)
+        dataset = by_name(client.datasets(), DATASET)
         assert dataset is not None
         params: dict[str, Any] = {
             "dataset_id": dataset["id"],
@@ -329,9 +261,9 @@ def train_and_reindex(
         }
         if method is not None:
             params["method"] = method
-        job = client.post("/api/v1/jobs", {"type": "train", "params": params})
+        job = client.submit_job("train", params)
         typer.echo(f"  job {job['id']}: GET /api/v1/jobs/{job['id']} (and .../logs)")
-        job = client.wait_job(job, f"training (job {job['id']})", every=5.0, report_s=30.0)
+        job = wait_for(client, job, f"training (job {job['id']})", stop, report_s=30.0)
     else:
         typer.echo(f"[4/5] trained model {name!r} exists (model {model['id']})")
         job = train_job_of(client, model["id"])
@@ -342,11 +274,8 @@ def train_and_reindex(
         typer.echo("  the gallery keeps its model: the trained one is not clearly better")
     elif gallery["model_id"] != model_id:
         typer.echo(f"  the trained model is better: re-indexing the gallery with {name}")
-        job = client.post(
-            "/api/v1/jobs",
-            {"type": "index", "params": {"gallery_id": gallery["id"], "model_id": model_id}},
-        )
-        client.wait_job(job, f"re-indexing with {name} (job {job['id']})")
+        job = client.submit_job("index", {"gallery_id": gallery["id"], "model_id": model_id})
+        wait_for(client, job, f"re-indexing with {name} (job {job['id']})", stop)
         show_hits(client, gallery["id"], query, name)
     else:
         typer.echo(f"  the gallery already uses the trained model {name}")
@@ -368,7 +297,7 @@ MIN_RECALL_GAIN = 0.01
 
 
 def train_job_of(client: Client, model_id: int) -> dict[str, Any]:
-    jobs = client.get("/api/v1/jobs?type=train&state=succeeded&limit=200")["items"]
+    jobs = client.jobs(job_type="train", state="succeeded")
     job = next((j for j in jobs if (j.get("result") or {}).get("model_id") == model_id), None)
     if job is None:
         raise DemoError(f"no succeeded train job produced model {model_id}; delete the model")
@@ -423,6 +352,6 @@ def demo_command(
             train_minutes=train_minutes,
             train=train,
         )
-    except DemoError as error:
+    except (DemoError, LookalikeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

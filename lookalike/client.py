@@ -445,7 +445,15 @@ class Client(_Base):
                 raise TimeoutError(f"job {job_id} is still {job['state']} after {timeout_s} s")
             time.sleep(poll_s)
 
-    # --- models ----------------------------------------------------------------------------
+    # --- datasets and models ---------------------------------------------------------------
+    def datasets(self) -> list[Json]:
+        return self._run(_Call("GET", "/datasets"))
+
+    def register_dataset(self, name: str, kind: str = "imagefolder", **fields: Any) -> Json:
+        """A folder under the server's dataset root (`path=`), or a benchmark the server
+        builds (`kind="icons"` or `"cjk"`); see docs/jobs.md, "Datasets"."""
+        return self._run(_Call("POST", "/datasets", json={"name": name, "kind": kind, **fields}))
+
     def models(self) -> list[Json]:
         return self._run(_Call("GET", "/models"))
 

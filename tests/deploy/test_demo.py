@@ -4,32 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, File, Form, UploadFile
-from fastapi.testclient import TestClient
-
 from app.demo import (
     by_name,
     demo_preset,
     held_out_query,
     hold_out,
-    multipart,
     progress_line,
     show_comparison,
 )
-
-
-def test_multipart_body_is_what_fastapi_parses(tmp_path: Path) -> None:
-    app = FastAPI()
-
-    @app.post("/echo")
-    def echo(image: UploadFile = File(...), k: int = Form(...)) -> dict:
-        return {"name": image.filename, "size": len(image.file.read()), "k": k}
-
-    path = tmp_path / "query.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
-    body, content_type = multipart({"k": "5"}, [("image", path)])
-    response = TestClient(app).post("/echo", content=body, headers={"Content-Type": content_type})
-    assert response.json() == {"name": "query.png", "size": 264, "k": 5}
 
 
 def test_progress_line_and_lookup() -> None:
@@ -85,19 +67,18 @@ def test_the_comparison_decides_the_reindex_and_prints_both_models(capsys) -> No
 
 
 class RecordingClient:
-    """Answers the demo's gallery listing from a fixed page; records deletions."""
+    """Answers the demo's gallery listing from a fixed list; records deletions."""
 
     def __init__(self, items: list[dict]) -> None:
         self.items = items
-        self.deleted: list[str] = []
+        self.deleted: list[int] = []
 
-    def get(self, path: str) -> dict:
-        assert "label=class%20a" in path
-        return {"items": self.items}
+    def images(self, gallery_id: int, *, label: str | None = None) -> list[dict]:
+        assert label == "class a"
+        return self.items
 
-    def request(self, method: str, path: str) -> None:
-        assert method == "DELETE"
-        self.deleted.append(path)
+    def delete_image(self, image_id: int) -> None:
+        self.deleted.append(image_id)
 
 
 def test_the_example_query_is_held_out_of_the_gallery(tmp_path: Path) -> None:
@@ -114,7 +95,7 @@ def test_the_example_query_is_held_out_of_the_gallery(tmp_path: Path) -> None:
         [{"id": 7, "content_hash": "0" * 64}, {"id": 9, "content_hash": digest}]
     )
     hold_out(client, 1, query)  # type: ignore[arg-type]
-    assert client.deleted == ["/api/v1/images/9"]
+    assert client.deleted == [9]
     client = RecordingClient([{"id": 7, "content_hash": "0" * 64}])
     hold_out(client, 1, query)  # type: ignore[arg-type]  # a second run: already held out
     assert client.deleted == []
