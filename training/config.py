@@ -120,6 +120,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+def preset_summary(name: str) -> dict[str, str]:
+    """A preset's method and the description its file gives (`_comment`), for listings."""
+    path = PRESET_DIR / f"{name}.json"
+    comment = json.loads(path.read_text()).get("_comment", "") if path.is_file() else ""
+    method = read_preset(name).get("method") or TrainConfig.model_fields["method"].default
+    return {"method": str(method), "description": comment}
+
+
 def read_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.json"
     if not path.is_file():

@@ -428,3 +428,12 @@ class JobPage(BaseModel):
     total: int
     offset: int
     limit: int
+
+
+class PresetOut(BaseModel):
+    name: str
+    method: str = Field(description="The training method the preset runs.")
+    recommended: bool = Field(
+        description="The best method measured on a benchmark, or the one for any other data."
+    )
+    description: str = Field(description="What the preset is for and where it was tuned.")

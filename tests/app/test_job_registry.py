@@ -56,3 +56,18 @@ def test_the_documented_example_is_a_working_kind(monkeypatch: pytest.MonkeyPatc
         submission.parse_params(kind, {"gallery_id": 0, "before": "2026-01-01T00:00:00Z"})
     with pytest.raises(Invalid, match="extra"):
         submission.parse_params(kind, {"gallery_id": 3, "before": "2026-01-01", "extra": 1})
+
+
+def test_presets_are_served_from_the_library_recommended_first(tmp_path, model_root) -> None:
+    from tests.app.conftest import make_client
+    from training.config import list_presets
+
+    with make_client(tmp_path, model_root) as client:
+        presets = client.get("/api/v1/presets").json()
+    names = [preset["name"] for preset in presets]
+    assert sorted(names) == list_presets()  # every preset file, once
+    assert names[:3] == ["dvml-icons", "dvml-cjk", "dvml"]
+    assert [p["recommended"] for p in presets].count(True) == 3
+    by_name = {preset["name"]: preset for preset in presets}
+    assert by_name["diva-cjk"]["method"] == "diva" and by_name["icons"]["method"] == "margin"
+    assert "IconThemes" in by_name["dvml-icons"]["description"]

@@ -235,6 +235,10 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     page.locator("#dataset-path").fill("tiny")
     page.get_by_role("button", name="Register dataset").click()
     expect(page.locator("#train-form")).to_be_visible()
+    # The preset list is the server's (GET /presets): every preset file, recommended first.
+    offered = page.locator("#presets option").evaluate_all("options => options.map(o => o.value)")
+    assert offered[:3] == ["dvml-icons", "dvml-cjk", "dvml"]
+    assert {"diva-icons", "dvml-icons", "diva-cjk", "dvml-cjk"} <= set(offered)
     page.locator("#train-method").select_option("margin")
     page.locator("#train-budget").fill("4")
     page.locator("#train-budget-kind").select_option("iterations")

@@ -7,7 +7,6 @@ import { badge, definitionList, empty, errorBox, field, fmt, h, metric, progress
 // "" (the default) lets the server choose the best method measured for the dataset's kind of
 // data (DVML+margin: preset dvml-icons, dvml-cjk or dvml; docs/results.md).
 const METHODS = [["", "recommended for the dataset"], "margin", "triplet", "contrastive", "npair", "diva", "dvml", "magnet"];
-const PRESETS = ["dvml-icons", "dvml-cjk", "dvml", "icons", "cjk", "diva-icons", "diva-cjk", "cub200", "cars196", "sop", "diva-cub200", "diva-cars196", "diva-sop"];
 const ACTIVE = new Set(["queued", "running"]);
 const POLL_ACTIVE_MS = 1000;
 const POLL_IDLE_MS = 5000;
@@ -107,7 +106,7 @@ export async function jobsPage(main, { query, navigate, setCleanup }) {
   }
 
   // ---------------------------------------------------------------- forms
-  const [datasets, models] = await Promise.all([get("/datasets").catch(() => []), get("/models").catch(() => [])]);
+  const [datasets, models, presetList] = await Promise.all([get("/datasets").catch(() => []), get("/models").catch(() => []), get("/presets").catch(() => [])]);
   const ready = datasets.filter((d) => d.status === "ready");
   const datasetOptions = ready.map((d) => [String(d.id), `${d.name} (${d.kind}${d.splits?.train ? `, ${d.splits.train.classes} train classes` : ""})`]);
   const forms = h("div", { class: "forms" });
@@ -119,7 +118,8 @@ export async function jobsPage(main, { query, navigate, setCleanup }) {
     const dataset = select(datasetOptions, { id: "train-dataset" });
     const method = select(METHODS, { id: "train-method" });
     const preset = h("input", { id: "train-preset", type: "text", list: "presets", placeholder: "recommended", autocomplete: "off" });
-    const presets = h("datalist", { id: "presets" }, PRESETS.map((p) => h("option", { value: p })));
+    // The server's list (GET /presets), recommended ones first, each labelled with its method.
+    const presets = h("datalist", { id: "presets" }, presetList.map((p) => h("option", { value: p.name, label: `${p.method}${p.recommended ? " (recommended)" : ""}` })));
     const budgetKind = select([["iterations", "iterations"], ["epochs", "epochs"], ["time_budget_min", "minutes"]], { id: "train-budget-kind" });
     const budget = h("input", { id: "train-budget", type: "number", min: 1, step: "any", placeholder: "preset's default" });
     const name = h("input", { id: "train-name", type: "text", maxlength: 200, placeholder: "<method>-job<id>", autocomplete: "off" });
