@@ -220,6 +220,17 @@ def _png(figure) -> bytes:
     return out.getvalue()
 
 
+def epoch_axis(axes: Any, epochs: list[int]) -> None:
+    """Whole epochs on the x axis; one epoch alone gets a window of one epoch either side
+    (matplotlib would zoom to +-0.05 around it and label no whole epoch)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(set(epochs)) == 1:
+        axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
+
+
 def plot(settings: Settings, session: Session, report: Report, name: str, split: str) -> bytes:
     """One plot of the report as PNG bytes; NotFound when the report lacks its data."""
     if name not in PLOTS:
@@ -228,7 +239,6 @@ def plot(settings: Settings, session: Session, report: Report, name: str, split:
         raise NotFound(f"the report has no data for the {name} plot yet")
     if name == "tsne":
         return tsne_png(settings, report, split)
-    from matplotlib.ticker import MaxNLocator
 
     figure = _figure()
     axes = figure.add_subplot()
@@ -248,8 +258,7 @@ def plot(settings: Settings, session: Session, report: Report, name: str, split:
         epochs = [e["epoch"] for e in report.epochs]
         losses = [e["loss"] for e in report.epochs]
         axes.plot(epochs, losses, marker="o", color="tab:red", label="training loss")
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(axes, epochs)
         axes.set_ylabel("training loss", color="tab:red")
         recall = [(e["epoch"], e["val"].get("recall@1")) for e in report.epochs]
         recall = [(x, y) for x, y in recall if y is not None]

@@ -278,10 +278,16 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     expect(page.get_by_role("heading", name="tiny-margin")).to_be_visible()
     expect(page.get_by_text("Metrics on its card")).to_be_visible()
     shot(page, "10-model-card")
+    model_url = page.url
 
     # ------------------------------------------------------------ phone width: one column
     page.set_viewport_size({"width": 390, "height": 844})
-    for name, where in (("12-jobs-phone", "/ui/#/jobs"), ("13-report-phone", report_url)):
+    phone_pages = (
+        ("12-jobs-phone", "/ui/#/jobs"),
+        ("13-report-phone", report_url),
+        ("14-model-phone", model_url),  # the method's parameters wrap, not widen the page
+    )
+    for name, where in phone_pages:
         page.goto(where)
         expect(page.locator("h1")).to_be_visible()
         if "report" in name:

@@ -60,7 +60,8 @@ export async function modelPage(main, modelId) {
     h("p", { class: "crumbs" }, h("a", { href: "#/models" }, "Models"), " / "),
     h("h1", {}, model.name),
     definitionList([
-      ["Method", `${method.name || model.method}${method.params && Object.keys(method.params).length ? ` ${JSON.stringify(method.params)}` : ""}`],
+      // One "key value" pair per parameter, so a long parameter list wraps instead of widening the page.
+      ["Method", `${method.name || model.method}${method.params && Object.keys(method.params).length ? ` (${Object.entries(method.params).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ")})` : ""}`],
       ["Embedding", `${model.embedding_dim} dimensions`],
       ["Backbone", architecture.backbone ? `${architecture.backbone}${architecture.pooling ? `, ${architecture.pooling} pooling` : ""}` : null],
       ["Input", preprocessing.image_size ? `${preprocessing.image_size} px, ${preprocessing.interpolation || ""} interpolation` : null],
