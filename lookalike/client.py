@@ -399,6 +399,11 @@ class Client(_Base):
         path = f"/galleries/{self.gallery_id(gallery)}/search/vector"
         return self._run(_Call("POST", path, json=body))
 
+    def duplicates(self, gallery: int | str, *, threshold: float = 0.95, limit: int = 100) -> Json:
+        """Groups of near-duplicate images (docs/service.md, "Near duplicates")."""
+        params = {"threshold": threshold, "limit": limit}
+        return self._run(_Call("GET", f"/galleries/{self.gallery_id(gallery)}/duplicates", params))
+
     # --- jobs ------------------------------------------------------------------------------
     def submit_job(
         self, job_type: str, params: dict[str, Any], *, idempotency_key: str | None = None

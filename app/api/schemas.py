@@ -21,6 +21,7 @@ from pydantic import (
 from app.api import input_rules
 from app.db.models import Dataset, Image
 from app.index_store import IndexType
+from app.services.duplicates import DuplicateGroup
 from app.services.filters import Filters, MetadataValue
 from app.services.galleries import GalleryInfo
 from app.services.images import UploadResult
@@ -437,3 +438,22 @@ class PresetOut(BaseModel):
         description="The best method measured on a benchmark, or the one for any other data."
     )
     description: str = Field(description="What the preset is for and where it was tuned.")
+
+
+class DuplicateGroupOut(BaseModel):
+    images: list[ImageOut] = Field(description="The group's images, by id.")
+    max_score: float = Field(description="Cosine similarity of the group's most similar pair.")
+    min_score: float = Field(description="The least similar pair that joined the group.")
+
+    @classmethod
+    def of(cls, group: DuplicateGroup) -> DuplicateGroupOut:
+        images = [ImageOut.of(image) for image in group.images]
+        return cls(
+            images=images, max_score=round(group.max_score, 6), min_score=round(group.min_score, 6)
+        )
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    total_groups: int = Field(description="Groups found; `groups` holds the largest `limit`.")
+    groups: list[DuplicateGroupOut]

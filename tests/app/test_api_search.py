@@ -3,11 +3,13 @@ delete, and identical results after a restart; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.main import create_app
 from tests.app.conftest import TINY_DIM, png
@@ -212,3 +214,40 @@ def test_concurrent_searches_share_forward_passes(api_settings, gallery: int, cl
     assert counts["lookalike_embedding_batch_size_sum"] == 16
     assert counts["lookalike_embedding_batch_size_count"] < 16  # some requests shared a pass
     assert 'method="POST",route="/api/v1/galleries/{gallery_id}/search",status="200"' in metrics
+
+
+def test_near_duplicates_are_grouped_with_the_gallery_index(client: TestClient, gallery: int):
+    """Copies of three pictures saved with other encoder settings (the same pixels, other
+    bytes, so stored apart) come back as three pairs; the other pictures stay out of every
+    group; a low threshold joins more; the limit holds."""
+    results = upload(client, gallery, GRID)
+    ids = {item: r["image"]["id"] for item, r in zip(GRID, results, strict=True)}
+    copies = [(0, 0), (1, 2), (3, 1)]
+
+    def resaved(c: int, s: int) -> bytes:
+        out = io.BytesIO()
+        Image.open(io.BytesIO(png(c, s))).save(out, "PNG", compress_level=0)
+        return out.getvalue()
+
+    files = [("files", (f"{c}-{s}-copy.png", resaved(c, s), "image/png")) for c, s in copies]
+    response = client.post(f"{API}/galleries/{gallery}/images", files=files)
+    assert response.status_code == 201, response.text
+    assert [r["status"] for r in response.json()["results"]] == ["created"] * 3
+    copy_ids = [r["image"]["id"] for r in response.json()["results"]]
+
+    def groups(**params) -> dict:
+        response = client.get(f"{API}/galleries/{gallery}/duplicates", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    found = groups(threshold=0.9999)
+    pairs = {frozenset(image["id"] for image in group["images"]) for group in found["groups"]}
+    expected = {frozenset((ids[item], copy)) for item, copy in zip(copies, copy_ids, strict=True)}
+    assert pairs == expected and found["total_groups"] == 3
+    for group in found["groups"]:
+        assert 0.9999 <= group["min_score"] <= group["max_score"] <= 1.0 + 1e-6
+    assert len(groups(threshold=0.9999, limit=2)["groups"]) == 2
+    loose = groups(threshold=0.01)  # everything joins one group through its neighbours
+    assert loose["total_groups"] == 1 and len(loose["groups"][0]["images"]) == len(GRID) + 3
+    assert client.get(f"{API}/galleries/{gallery}/duplicates?threshold=0").status_code == 422
+    assert client.get(f"{API}/galleries/999999/duplicates").status_code == 404

@@ -79,6 +79,9 @@ def test_upload_folder_page_and_search_by_path_bytes_image_and_id(server) -> Non
         again = client.upload("photos", [query], labels=[label])
         assert again[0]["status"] == "duplicate"
         assert client.gallery("photos")["image_count"] == 20
+        grouped = client.duplicates("photos", threshold=0.01, limit=1)
+        assert grouped["threshold"] == 0.01 and len(grouped["groups"]) == 1
+        assert len(grouped["groups"][0]["images"]) == 20  # everything joins at 0.01
 
 
 def test_errors_carry_the_servers_reason(server) -> None:

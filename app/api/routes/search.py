@@ -10,12 +10,15 @@ from app.api.deps import ReadAccess, RuntimeDep, SessionDep
 from app.api.schemas import (
     BatchSearchResponse,
     ClassifyResponse,
+    DuplicateGroupOut,
+    DuplicatesResponse,
     Id,
     SearchResponse,
     VectorSearch,
     parse_metadata_filter,
 )
 from app.services import search as service
+from app.services.duplicates import near_duplicates
 from app.services.errors import Invalid
 from app.services.filters import Filters
 from app.services.search import SearchPage
@@ -108,6 +111,27 @@ def similar(
     page = SearchPage(k, offset, Filters(label or None), min_score)
     outcome = service.similar_images(runtime, session, image_id, page)
     return SearchResponse.of(outcome)
+
+
+@router.get("/galleries/{gallery_id}/duplicates", response_model=DuplicatesResponse)
+def duplicates(
+    gallery_id: Id,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    threshold: Annotated[
+        float, Query(gt=0.0, le=1.0, description="Minimum cosine similarity of a pair.")
+    ] = 0.95,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Largest groups returned.")] = 100,
+) -> DuplicatesResponse:
+    """Groups of near-duplicate images (re-encoded, resized, lightly edited copies), found
+    with the gallery's index: each image's nearest neighbours at or above `threshold`, joined
+    into groups; the largest first. Byte-identical uploads are already stored once."""
+    groups, total = near_duplicates(runtime, session, gallery_id, threshold, limit)
+    return DuplicatesResponse(
+        threshold=threshold,
+        total_groups=total,
+        groups=[DuplicateGroupOut.of(group) for group in groups],
+    )
 
 
 @router.post("/galleries/{gallery_id}/classify", response_model=ClassifyResponse)
