@@ -296,11 +296,23 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
         shot(page, name)
     page.set_viewport_size({"width": 1280, "height": 900})
 
-    # ------------------------------------------------------------ galleries list, delete
+    # ------------------------------------------------------------ galleries list, duplicates
     page.goto("/ui/#/galleries")
     expect(page.locator(f"tr[data-gallery-id='{gallery_id}']")).to_contain_text("9")
     shot(page, "11-galleries")
     page.locator(f"tr[data-gallery-id='{gallery_id}'] a").first.click()
+    # At similarity 0.5 the tiny models group pictures; keeping one picture of the largest
+    # group deletes the rest of that group, and the gallery shrinks by as many.
+    page.locator("#duplicates-threshold").fill("0.5")
+    page.get_by_role("button", name="Find duplicates").click()
+    expect(page.locator("#duplicates-summary")).to_be_visible()
+    largest = page.locator("#duplicate-groups .duplicate-group").first
+    members = largest.locator("li.card").count()
+    assert members >= 2
+    shot(page, "15-duplicates")
+    page.once("dialog", lambda d: d.accept())
+    largest.locator("li.card").first.locator("button", has_text="Keep only this").click()
+    expect(page.locator("#gallery-count")).to_have_text(str(9 - (members - 1)))
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Delete gallery").click()
     expect(page.get_by_text("No gallery yet")).to_be_visible()

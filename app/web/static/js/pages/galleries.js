@@ -238,4 +238,67 @@ export async function galleryPage(main, galleryId, { query, navigate }) {
     );
   }
   await showPage(0);
+
+  // ---------------------------------------------------------------- near duplicates
+  const threshold = h("input", { type: "number", id: "duplicates-threshold", min: 0.5, max: 1, step: 0.01, value: "0.95" });
+  const groups = h("div", { id: "duplicate-groups", "aria-live": "polite" });
+  const findForm = h("form", { class: "row inline", id: "duplicates-form" }, field("Similarity at least", threshold, "Cosine similarity of two pictures, 0.5 to 1."), h("button", { type: "submit", class: "secondary" }, "Find duplicates"));
+  findForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    showDuplicates();
+  });
+  main.append(
+    h("section", { class: "panel", "aria-labelledby": "duplicates-title" }, h("h2", { id: "duplicates-title" }, "Near duplicates"), h("p", { class: "hint" }, "Re-encoded, resized or lightly edited copies, found with the gallery's index. Keep one picture of a group and the others are deleted."), findForm, groups),
+  );
+
+  async function showDuplicates() {
+    let found;
+    try {
+      found = await get(`/galleries/${galleryId}/duplicates`, { threshold: threshold.value, limit: 50 });
+    } catch (error) {
+      groups.replaceChildren(errorBox(error, "Duplicates could not be searched"));
+      return;
+    }
+    if (!found.groups.length) {
+      groups.replaceChildren(empty("No two pictures are this similar."));
+      return;
+    }
+    groups.replaceChildren(
+      h("p", { class: "status", id: "duplicates-summary" }, `${found.total_groups} groups${found.total_groups > found.groups.length ? `, the ${found.groups.length} largest shown` : ""}`),
+      ...found.groups.map((group, index) =>
+        h(
+          "div",
+          { class: "duplicate-group", dataset: { group: index } },
+          h("p", { class: "hint" }, `${group.images.length} pictures, similarity ${group.min_score.toFixed(3)}–${group.max_score.toFixed(3)}`),
+          h("ul", { class: "grid thumbs" }, group.images.map((image) => duplicateCard(image, group))),
+        ),
+      ),
+    );
+  }
+
+  function duplicateCard(image, group) {
+    const img = h("img", { alt: `Image ${image.id}${image.label ? `, ${image.label}` : ""}`, loading: "lazy", width: 140, height: 140 });
+    loadImage(img, thumbnailUrl(image.id));
+    const keep = h("button", { type: "button", class: "secondary small", "aria-label": `Keep image ${image.id}, delete the others of its group` }, "Keep only this");
+    keep.addEventListener("click", async () => {
+      const others = group.images.filter((other) => other.id !== image.id);
+      if (!confirm(`Keep image ${image.id} and delete ${others.length} other pictures of this group?`)) return;
+      try {
+        for (const other of others) await request(`/images/${other.id}`, { method: "DELETE" });
+        toast(`Kept image ${image.id}; deleted ${others.length}.`);
+      } catch (error) {
+        toast(`Not all deleted: ${error.message}`, "error");
+      }
+      const fresh = await get(`/galleries/${galleryId}`).catch(() => null);
+      if (fresh) renderFacts(fresh);
+      showPage(0);
+      showDuplicates();
+    });
+    return h(
+      "li",
+      { class: "card thumb-card", dataset: { imageId: image.id } },
+      h("a", { href: `${API}/images/${image.id}/file`, target: "_blank", rel: "noopener", class: "thumb" }, img),
+      h("div", { class: "card-body" }, h("div", { class: "line" }, image.label ? h("span", { class: "tag label" }, image.label) : h("span", { class: "hint" }, "no label"), h("span", { class: "hint" }, `#${image.id}`)), keep),
+    );
+  }
 }
