@@ -22,10 +22,6 @@ AsJson = Annotated[bool, typer.Option("--json", help="print the server's JSON an
 jobs_cli = typer.Typer(help="Jobs on a lookalike server: list, show, wait, cancel.")
 
 
-def _client(server: str | None) -> Client:
-    return Client(server)
-
-
 def _fail(error: Exception) -> typer.Exit:
     typer.echo(f"error: {error}", err=True)
     return typer.Exit(2)
@@ -46,7 +42,7 @@ def search(
 ) -> None:
     """The gallery images most similar to IMAGE, best first."""
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             found = client.search(gallery, image, k=k, labels=label, min_score=min_score)
     except (LookalikeError, OSError) as error:
         raise _fail(error) from None
@@ -73,7 +69,7 @@ def upload(
     from tqdm import tqdm
 
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             if create and not any(g["name"] == gallery for g in client.galleries()):
                 client.create_gallery(gallery, model_id=model)
             with tqdm(unit="img", disable=as_json) as bar:
@@ -112,7 +108,7 @@ def jobs_list(
 ) -> None:
     """The newest jobs first."""
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             jobs = [job for job, _ in zip(client.jobs(state=state), range(limit), strict=False)]
     except (LookalikeError, OSError) as error:
         raise _fail(error) from None
@@ -124,7 +120,7 @@ def jobs_list(
 def jobs_show(job_id: int, server: Server = None, as_json: AsJson = False) -> None:
     """One job: state, progress, error or result."""
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             job = client.job(job_id)
     except (LookalikeError, OSError) as error:
         raise _fail(error) from None
@@ -146,7 +142,7 @@ def jobs_wait(
             typer.echo(f"\rjob {job['id']}: {job['state']} {job['progress']:.0%}", nl=False)
 
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             job = client.wait_job(job_id, timeout_s=timeout, on_progress=show)
     except JobFailed as failed:
         typer.echo(f"\n{failed.detail}", err=True)
@@ -160,7 +156,7 @@ def jobs_wait(
 def jobs_cancel(job_id: int, server: Server = None) -> None:
     """Cancel a queued or running job."""
     try:
-        with _client(server) as client:
+        with Client(server) as client:
             job = client.cancel_job(job_id)
     except (LookalikeError, OSError) as error:
         raise _fail(error) from None

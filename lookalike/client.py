@@ -8,7 +8,7 @@
         hits = client.search(gallery["id"], "query.jpg", k=5)["results"]
         job = client.wait_job(client.submit_job("index", {"gallery_id": 1, "model_id": 2})["id"])
 
-`AsyncClient` has the same methods as coroutines (async iterators for the paged lists). Both
+`AsyncClient` has its most used methods as coroutines (an async iterator for images). Both
 retry a request the server answered with 503 or 429 (busy, or a backend briefly down) after its
 `Retry-After` or an exponential backoff, and raise `LookalikeError` subclasses carrying the
 server's reason (`detail`) for every other error status.
@@ -31,10 +31,11 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from training.data.readers import is_image_file
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 API = "/api/v1"
 RETRY_STATUSES = (429, 503)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 # What an image argument may be: a path, the file's bytes, or a PIL image (sent as PNG).
@@ -115,13 +116,14 @@ def image_part(image: ImageInput, name: str = "image") -> tuple[str, bytes, str]
 
 def folder_images(folder: str | os.PathLike[str]) -> list[tuple[Path, str | None]]:
     """The image files under `folder`, sorted, each with its label: the name of the folder
-    holding it, or None for files at the top level."""
+    holding it, or None for files at the top level. The same files as the server's folder
+    import takes (`is_image_file`: image extensions, hidden files skipped)."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     found = []
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and is_image_file(path):
             found.append((path, path.parent.name if path.parent != root else None))
     return found
 
@@ -172,7 +174,23 @@ def _upload_call(
     return _Call("POST", path, data=data, files=files, per_file_results=True)
 
 
-def _retry_delay(response: httpx.Response | None, attempt: int, backoff_s: float) -> float:
+def _ended(job: dict[str, Any]) -> bool:
+    """Whether the job has ended; raises `JobFailed` when it ended failed or cancelled."""
+    if job["state"] not in TERMINAL_STATES:
+        return False
+    if job["state"] != "succeeded":
+        raise JobFailed(job)
+    return True
+
+
+def _next_offset(page: dict[str, Any], offset: int) -> int | None:
+    """The offset of the page after `page` (read at `offset`) of a paged list; None at the end."""
+    offset += len(page["items"])
+    return None if not page["items"] or offset >= page["total"] else offset
+
+
+def _wait_s(response: httpx.Response | None, attempt: int, backoff_s: float) -> float:
+    """Retry-After when the server gave one (at most 30 s), else exponential backoff."""
     header = response.headers.get("Retry-After") if response is not None else None
     if header is not None and header.isdigit():
         return min(float(header), 30.0)
@@ -203,6 +221,19 @@ class _Base:
         if response.headers.get("content-type", "").startswith("application/json"):
             return response.json()
         return response.text
+
+    def _retry_delay(
+        self, call: _Call, response: httpx.Response | None, attempt: int
+    ) -> float | None:
+        """None when `response` is the answer (not busy, or no retry left); else how long to
+        wait before attempt `attempt + 1`. `response` None: the connection failed, which only
+        a GET may retry (a POST may have been carried out)."""
+        if response is None:
+            if attempt == self.retries or call.method != "GET":
+                return None
+        elif response.status_code not in RETRY_STATUSES or attempt == self.retries:
+            return None
+        return _wait_s(response, attempt, self.backoff_s)
 
     def _request_args(self, call: _Call) -> dict[str, Any]:
         return {
@@ -243,28 +274,25 @@ class Client(_Base):
         self.http.close()
 
     def _run(self, call: _Call) -> Json:
-        for attempt in range(self.retries + 1):
-            response: httpx.Response | None = None
+        attempt = 0
+        while True:
             try:
                 response = self.http.request(call.method, call.path, **self._request_args(call))
             except httpx.TransportError:
-                if attempt == self.retries or call.method != "GET":
+                if (delay := self._retry_delay(call, None, attempt)) is None:
                     raise
-            if response is not None and (
-                response.status_code not in RETRY_STATUSES or attempt == self.retries
-            ):
-                return self._parse(response, call)
-            time.sleep(_retry_delay(response, attempt, self.backoff_s))
-        raise AssertionError("unreachable")
+            else:
+                if (delay := self._retry_delay(call, response, attempt)) is None:
+                    return self._parse(response, call)
+            time.sleep(delay)
+            attempt += 1
 
     def _pages(self, path: str, params: dict[str, Any], page_size: int) -> Iterator[Json]:
-        offset = 0
-        while True:
+        offset: int | None = 0
+        while offset is not None:
             page = self._run(_Call("GET", path, {**params, "offset": offset, "limit": page_size}))
             yield from page["items"]
-            offset += len(page["items"])
-            if not page["items"] or offset >= page["total"]:
-                return
+            offset = _next_offset(page, offset)
 
     # --- galleries -------------------------------------------------------------------------
     def galleries(self) -> list[Json]:
@@ -442,9 +470,7 @@ class Client(_Base):
             job = self.job(job_id)
             if on_progress is not None:
                 on_progress(job)
-            if job["state"] in TERMINAL_STATES:
-                if job["state"] != "succeeded":
-                    raise JobFailed(job)
+            if _ended(job):
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job['state']} after {timeout_s} s")
@@ -467,7 +493,8 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """The same API for asyncio code; every method is a coroutine."""
+    """For asyncio code: the most used part of `Client`'s API (galleries, upload, search,
+    images, jobs, models) as coroutines, with the same retries and errors."""
 
     def __init__(
         self,
@@ -494,21 +521,20 @@ class AsyncClient(_Base):
         await self.http.aclose()
 
     async def _run(self, call: _Call) -> Json:
-        for attempt in range(self.retries + 1):
-            response: httpx.Response | None = None
+        attempt = 0
+        while True:
             try:
                 response = await self.http.request(
                     call.method, call.path, **self._request_args(call)
                 )
             except httpx.TransportError:
-                if attempt == self.retries or call.method != "GET":
+                if (delay := self._retry_delay(call, None, attempt)) is None:
                     raise
-            if response is not None and (
-                response.status_code not in RETRY_STATUSES or attempt == self.retries
-            ):
-                return self._parse(response, call)
-            await asyncio.sleep(_retry_delay(response, attempt, self.backoff_s))
-        raise AssertionError("unreachable")
+            else:
+                if (delay := self._retry_delay(call, response, attempt)) is None:
+                    return self._parse(response, call)
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def galleries(self) -> list[Json]:
         return await self._run(_Call("GET", "/galleries"))
@@ -552,15 +578,13 @@ class AsyncClient(_Base):
         )
 
     async def images(self, gallery_id: int, *, page_size: int = 200) -> AsyncIterator[Json]:
-        offset = 0
-        while True:
+        offset: int | None = 0
+        while offset is not None:
             params = {"offset": offset, "limit": page_size}
             page = await self._run(_Call("GET", f"/galleries/{gallery_id}/images", params))
             for item in page["items"]:
                 yield item
-            offset += len(page["items"])
-            if not page["items"] or offset >= page["total"]:
-                return
+            offset = _next_offset(page, offset)
 
     async def submit_job(self, job_type: str, params: dict[str, Any]) -> Json:
         return await self._run(_Call("POST", "/jobs", json={"type": job_type, "params": params}))
@@ -571,9 +595,7 @@ class AsyncClient(_Base):
     async def wait_job(self, job_id: int, *, poll_s: float = 1.0) -> Json:
         while True:
             job = await self.job(job_id)
-            if job["state"] in TERMINAL_STATES:
-                if job["state"] != "succeeded":
-                    raise JobFailed(job)
+            if _ended(job):
                 return job
             await asyncio.sleep(poll_s)
 

@@ -118,18 +118,8 @@ def save_untrained_artifact(
     service."""
     torch.manual_seed(0)
     model = EmbeddingModel(ModelSpec(embedding_dim=embedding_dim), weights="none").eval()
-    info = model.backbone_info
-    card = ModelCard(
-        architecture=model.spec,
-        embedding_dim=embedding_dim,
-        preprocessing=Preprocessing(
-            image_size=image_size,
-            test_crop_pct=1.0,
-            interpolation="bilinear",
-            mean=info.mean,
-            std=info.std,
-        ),
-        method=method or {"name": "margin", "params": {}},
+    card = _untrained_card(
+        model, image_size, 1.0, "bilinear", method or {"name": "margin", "params": {}}
     )
     return save_artifact(directory, model, card, extra_tensors=extra_tensors)
 
@@ -146,21 +136,36 @@ def export_pretrained(
     artifact at `directory`, with the backbone's own preprocessing: `lookalike pretrained` and
     the service's built-in model. Returns the model written."""
     model = EmbeddingModel(ModelSpec(backbone=backbone, pooling=pooling, head="identity"))
+    method = {"name": "pretrained", "params": {"weights": "imagenet"}}
+    interpolation = model.backbone_info.interpolation
+    save_artifact(
+        directory, model, _untrained_card(model, image_size, test_crop_pct, interpolation, method)
+    )
+    return model
+
+
+def _untrained_card(
+    model: EmbeddingModel,
+    image_size: int,
+    test_crop_pct: float,
+    interpolation: str,
+    method: dict[str, Any],
+) -> ModelCard:
+    """The card of a model that no training run made: its structure, and test-time
+    preprocessing normalised with the backbone's own mean and std."""
     info = model.backbone_info
-    card = ModelCard(
+    return ModelCard(
         architecture=model.spec,
         embedding_dim=model.embedding_dim,
         preprocessing=Preprocessing(
             image_size=image_size,
             test_crop_pct=test_crop_pct,
-            interpolation=info.interpolation,
+            interpolation=interpolation,
             mean=info.mean,
             std=info.std,
         ),
-        method={"name": "pretrained", "params": {"weights": "imagenet"}},
+        method=method,
     )
-    save_artifact(directory, model, card)
-    return model
 
 
 def read_card(directory: Path) -> ModelCard:
