@@ -8,7 +8,7 @@
         hits = client.search(gallery["id"], "query.jpg", k=5)["results"]
         job = client.wait_job(client.submit_job("index", {"gallery_id": 1, "model_id": 2})["id"])
 
-`AsyncClient` has its most used methods as coroutines (an async iterator for images). Both
+`AsyncClient` has the same methods as coroutines (async iterators for paged lists). Both
 retry a request the server answered with 503 or 429 (busy, or a backend briefly down) after its
 `Retry-After` or an exponential backoff, and raise `LookalikeError` subclasses carrying the
 server's reason (`detail`) for every other error status.
@@ -158,20 +158,118 @@ def _search_form(
     return form
 
 
-def _upload_call(
+def _upload_calls(
     gallery_id: int,
     images: Sequence[ImageInput],
     labels: Sequence[str | None] | None,
     metadata: Sequence[dict[str, Any] | None] | None,
+    batch_size: int,
+) -> Iterator[tuple[_Call, int]]:
+    """One upload request per batch, and how many images are sent once it is done."""
+    for start in range(0, len(images), batch_size):
+        end = min(start + batch_size, len(images))
+        files = [
+            ("files", image_part(image, f"image-{i}"))
+            for i, image in enumerate(images[start:end], start)
+        ]
+        data: dict[str, Any] = {}
+        batch_labels = None if labels is None else labels[start:end]
+        batch_metadata = None if metadata is None else metadata[start:end]
+        if batch_labels is not None and any(label is not None for label in batch_labels):
+            data["label"] = [label or "" for label in batch_labels]
+        if batch_metadata is not None and any(m for m in batch_metadata):
+            data["metadata"] = [json.dumps(m or {}) for m in batch_metadata]
+        path = f"/galleries/{gallery_id}/images"
+        yield _Call("POST", path, data=data, files=files, per_file_results=True), end
+
+
+def _folder_upload(
+    folder: str | os.PathLike[str], labels_from_folders: bool
+) -> tuple[list[ImageInput], list[str | None] | None]:
+    found = folder_images(folder)
+    labels = [label for _, label in found] if labels_from_folders else None
+    return [path for path, _ in found], labels
+
+
+def _is_name(gallery: int | str) -> bool:
+    return not (isinstance(gallery, int) or str(gallery).isdigit())
+
+
+def _gallery_id(gallery: int | str, galleries: list[Json]) -> int:
+    """A gallery's id from its id or its name (looked up in `galleries`)."""
+    if not _is_name(gallery):
+        return int(gallery)
+    for item in galleries:
+        if item["name"] == gallery:
+            return int(item["id"])
+    raise NotFound(404, f"no gallery is named {gallery!r}")
+
+
+def _create_gallery_call(
+    name: str, model_id: int | None, index_type: str, index_params: dict[str, Any] | None
 ) -> _Call:
-    files = [("files", image_part(image, f"image-{i}")) for i, image in enumerate(images)]
-    data: dict[str, Any] = {}
-    if labels is not None and any(label is not None for label in labels):
-        data["label"] = [label or "" for label in labels]
-    if metadata is not None and any(m for m in metadata):
-        data["metadata"] = [json.dumps(m or {}) for m in metadata]
-    path = f"/galleries/{gallery_id}/images"
-    return _Call("POST", path, data=data, files=files, per_file_results=True)
+    body: dict[str, Any] = {
+        "name": name,
+        "index_type": index_type,
+        "index_params": index_params or {},
+    }
+    if model_id is not None:
+        body["model_id"] = model_id
+    return _Call("POST", "/galleries", json=body)
+
+
+def _search_call(
+    gallery_id: int, images: Sequence[ImageInput], form: dict[str, Any], *, batch: bool = False
+) -> _Call:
+    if batch:
+        files = [("images", image_part(image, f"query-{i}")) for i, image in enumerate(images)]
+        return _Call("POST", f"/galleries/{gallery_id}/search/batch", data=form, files=files)
+    files = [("image", image_part(images[0]))]
+    return _Call("POST", f"/galleries/{gallery_id}/search", data=form, files=files)
+
+
+def _vector_call(gallery_id: int, vector: Sequence[float], k: int, offset: int) -> _Call:
+    body = {"vector": [float(v) for v in vector], "k": k, "offset": offset}
+    return _Call("POST", f"/galleries/{gallery_id}/search/vector", json=body)
+
+
+def _job_call(job_type: str, params: dict[str, Any], idempotency_key: str | None) -> _Call:
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    return _Call("POST", "/jobs", json={"type": job_type, "params": params}, headers=headers)
+
+
+def _check_deadline(job: Json, deadline: float | None, timeout_s: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"job {job['id']} is still {job['state']} after {timeout_s} s")
+
+
+def _artifact_call(name: str, artifact: str | os.PathLike[str]) -> _Call:
+    folder = Path(artifact)
+    files = [
+        ("card", ("card.json", (folder / "card.json").read_bytes(), "application/json")),
+        (
+            "weights",
+            (
+                "model.safetensors",
+                (folder / "model.safetensors").read_bytes(),
+                "application/octet-stream",
+            ),
+        ),
+    ]
+    return _Call("POST", "/models", data={"name": name}, files=files)
+
+
+def _pretrained_call(
+    name: str, backbone: str, weights: str | os.PathLike[str] | None, image_size: int | None
+) -> _Call:
+    data: dict[str, Any] = {"name": name, "backbone": backbone}
+    if image_size is not None:
+        data["image_size"] = str(image_size)
+    files = None
+    if weights is not None:
+        file = Path(weights)
+        files = [("weights", (file.name, file.read_bytes(), "application/octet-stream"))]
+    return _Call("POST", "/models", data=data, files=files)
 
 
 def _ended(job: dict[str, Any]) -> bool:
@@ -303,12 +401,7 @@ class Client(_Base):
         return self._run(_Call("GET", f"/galleries/{self.gallery_id(gallery)}"))
 
     def gallery_id(self, gallery: int | str) -> int:
-        if isinstance(gallery, int) or str(gallery).isdigit():
-            return int(gallery)
-        for item in self.galleries():
-            if item["name"] == gallery:
-                return int(item["id"])
-        raise NotFound(404, f"no gallery is named {gallery!r}")
+        return _gallery_id(gallery, self.galleries() if _is_name(gallery) else [])
 
     def create_gallery(
         self,
@@ -318,14 +411,7 @@ class Client(_Base):
         index_type: str = "flat",
         index_params: dict[str, Any] | None = None,
     ) -> Json:
-        body: dict[str, Any] = {
-            "name": name,
-            "index_type": index_type,
-            "index_params": index_params or {},
-        }
-        if model_id is not None:
-            body["model_id"] = model_id
-        return self._run(_Call("POST", "/galleries", json=body))
+        return self._run(_create_gallery_call(name, model_id, index_type, index_params))
 
     def delete_gallery(self, gallery: int | str) -> None:
         self._run(_Call("DELETE", f"/galleries/{self.gallery_id(gallery)}"))
@@ -345,17 +431,10 @@ class Client(_Base):
         `rejected` with the reason). `on_batch(done, total)` after each batch."""
         gallery_id = self.gallery_id(gallery)
         results: list[Json] = []
-        for start in range(0, len(images), batch_size):
-            end = start + batch_size
-            call = _upload_call(
-                gallery_id,
-                images[start:end],
-                None if labels is None else labels[start:end],
-                None if metadata is None else metadata[start:end],
-            )
+        for call, done in _upload_calls(gallery_id, images, labels, metadata, batch_size):
             results.extend(self._run(call)["results"])
             if on_batch is not None:
-                on_batch(min(end, len(images)), len(images))
+                on_batch(done, len(images))
         return results
 
     def upload_folder(
@@ -368,9 +447,7 @@ class Client(_Base):
         on_batch: Callable[[int, int], None] | None = None,
     ) -> list[Json]:
         """Every image under `folder`, labelled by the folder that holds it."""
-        found = folder_images(folder)
-        labels = [label for _, label in found] if labels_from_folders else None
-        paths: list[ImageInput] = [path for path, _ in found]
+        paths, labels = _folder_upload(folder, labels_from_folders)
         return self.upload(gallery, paths, labels=labels, batch_size=batch_size, on_batch=on_batch)
 
     def images(
@@ -396,8 +473,7 @@ class Client(_Base):
         min_score: float | None = None,
     ) -> Json:
         form = _search_form(k, offset, labels, metadata, min_score)
-        path = f"/galleries/{self.gallery_id(gallery)}/search"
-        return self._run(_Call("POST", path, data=form, files=[("image", image_part(image))]))
+        return self._run(_search_call(self.gallery_id(gallery), [image], form))
 
     def search_batch(
         self,
@@ -411,9 +487,7 @@ class Client(_Base):
         min_score: float | None = None,
     ) -> Json:
         form = _search_form(k, offset, labels, metadata, min_score)
-        files = [("images", image_part(image, f"query-{i}")) for i, image in enumerate(images)]
-        path = f"/galleries/{self.gallery_id(gallery)}/search/batch"
-        return self._run(_Call("POST", path, data=form, files=files))
+        return self._run(_search_call(self.gallery_id(gallery), images, form, batch=True))
 
     def similar(self, image_id: int, *, k: int = 10, offset: int = 0) -> Json:
         """Neighbours of an image already in a gallery (itself excluded)."""
@@ -423,9 +497,7 @@ class Client(_Base):
     def search_vector(
         self, gallery: int | str, vector: Sequence[float], *, k: int = 10, offset: int = 0
     ) -> Json:
-        body = {"vector": [float(v) for v in vector], "k": k, "offset": offset}
-        path = f"/galleries/{self.gallery_id(gallery)}/search/vector"
-        return self._run(_Call("POST", path, json=body))
+        return self._run(_vector_call(self.gallery_id(gallery), vector, k, offset))
 
     def duplicates(self, gallery: int | str, *, threshold: float = 0.95, limit: int = 100) -> Json:
         """Groups of near-duplicate images (docs/service.md, "Near duplicates")."""
@@ -436,9 +508,7 @@ class Client(_Base):
     def submit_job(
         self, job_type: str, params: dict[str, Any], *, idempotency_key: str | None = None
     ) -> Json:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = {"type": job_type, "params": params}
-        return self._run(_Call("POST", "/jobs", json=body, headers=headers))
+        return self._run(_job_call(job_type, params, idempotency_key))
 
     def job(self, job_id: int) -> Json:
         return self._run(_Call("GET", f"/jobs/{job_id}"))
@@ -472,8 +542,7 @@ class Client(_Base):
                 on_progress(job)
             if _ended(job):
                 return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} is still {job['state']} after {timeout_s} s")
+            _check_deadline(job, deadline, timeout_s)
             time.sleep(poll_s)
 
     # --- datasets and models ---------------------------------------------------------------
@@ -491,10 +560,27 @@ class Client(_Base):
     def model(self, model_id: int) -> Json:
         return self._run(_Call("GET", f"/models/{model_id}"))
 
+    def register_model(self, name: str, artifact: str | os.PathLike[str]) -> Json:
+        """Upload a model artifact directory (what `lookalike train`/`pretrained` write)."""
+        return self._run(_artifact_call(name, artifact))
+
+    def register_pretrained(
+        self,
+        name: str,
+        backbone: str,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        image_size: int | None = None,
+    ) -> Json:
+        """A model the server builds from a pretrained backbone (`lookalike pretrained` there):
+        a built-in (efficientnet_lite0/1/2, resnet18/50) or any timm model, with its weights
+        from a local file (`weights`), else its own (a timm model's: the hub, online only)."""
+        return self._run(_pretrained_call(name, backbone, weights, image_size))
+
 
 class AsyncClient(_Base):
-    """For asyncio code: the most used part of `Client`'s API (galleries, upload, search,
-    images, jobs, models) as coroutines, with the same retries and errors."""
+    """For asyncio code: `Client`'s API as coroutines (paged lists as async iterators), with
+    the same retries and errors."""
 
     def __init__(
         self,
@@ -536,33 +622,88 @@ class AsyncClient(_Base):
             await asyncio.sleep(delay)
             attempt += 1
 
+    async def _pages(
+        self, path: str, params: dict[str, Any], page_size: int
+    ) -> AsyncIterator[Json]:
+        offset: int | None = 0
+        while offset is not None:
+            call = _Call("GET", path, {**params, "offset": offset, "limit": page_size})
+            page = await self._run(call)
+            for item in page["items"]:
+                yield item
+            offset = _next_offset(page, offset)
+
+    # --- galleries -------------------------------------------------------------------------
     async def galleries(self) -> list[Json]:
         return await self._run(_Call("GET", "/galleries"))
 
-    async def create_gallery(self, name: str, *, model_id: int | None = None) -> Json:
-        body: dict[str, Any] = {"name": name}
-        if model_id is not None:
-            body["model_id"] = model_id
-        return await self._run(_Call("POST", "/galleries", json=body))
+    async def gallery(self, gallery: int | str) -> Json:
+        return await self._run(_Call("GET", f"/galleries/{await self.gallery_id(gallery)}"))
 
+    async def gallery_id(self, gallery: int | str) -> int:
+        return _gallery_id(gallery, await self.galleries() if _is_name(gallery) else [])
+
+    async def create_gallery(
+        self,
+        name: str,
+        *,
+        model_id: int | None = None,
+        index_type: str = "flat",
+        index_params: dict[str, Any] | None = None,
+    ) -> Json:
+        return await self._run(_create_gallery_call(name, model_id, index_type, index_params))
+
+    async def delete_gallery(self, gallery: int | str) -> None:
+        await self._run(_Call("DELETE", f"/galleries/{await self.gallery_id(gallery)}"))
+
+    # --- images ----------------------------------------------------------------------------
     async def upload(
         self,
-        gallery_id: int,
+        gallery: int | str,
         images: Sequence[ImageInput],
         *,
         labels: Sequence[str | None] | None = None,
+        metadata: Sequence[dict[str, Any] | None] | None = None,
         batch_size: int = 32,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> list[Json]:
+        gallery_id = await self.gallery_id(gallery)
         results: list[Json] = []
-        for start in range(0, len(images), batch_size):
-            batch_labels = None if labels is None else labels[start : start + batch_size]
-            call = _upload_call(gallery_id, images[start : start + batch_size], batch_labels, None)
+        for call, done in _upload_calls(gallery_id, images, labels, metadata, batch_size):
             results.extend((await self._run(call))["results"])
+            if on_batch is not None:
+                on_batch(done, len(images))
         return results
 
+    async def upload_folder(
+        self,
+        gallery: int | str,
+        folder: str | os.PathLike[str],
+        *,
+        labels_from_folders: bool = True,
+        batch_size: int = 32,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[Json]:
+        paths, labels = _folder_upload(folder, labels_from_folders)
+        return await self.upload(
+            gallery, paths, labels=labels, batch_size=batch_size, on_batch=on_batch
+        )
+
+    async def images(
+        self, gallery: int | str, *, label: str | None = None, page_size: int = 200
+    ) -> AsyncIterator[Json]:
+        params = {"label": label} if label is not None else {}
+        path = f"/galleries/{await self.gallery_id(gallery)}/images"
+        async for item in self._pages(path, params, page_size):
+            yield item
+
+    async def delete_image(self, image_id: int) -> None:
+        await self._run(_Call("DELETE", f"/images/{image_id}"))
+
+    # --- search ----------------------------------------------------------------------------
     async def search(
         self,
-        gallery_id: int,
+        gallery: int | str,
         image: ImageInput,
         *,
         k: int = 10,
@@ -572,35 +713,105 @@ class AsyncClient(_Base):
         min_score: float | None = None,
     ) -> Json:
         form = _search_form(k, offset, labels, metadata, min_score)
-        files = [("image", image_part(image))]
-        return await self._run(
-            _Call("POST", f"/galleries/{gallery_id}/search", data=form, files=files)
-        )
+        return await self._run(_search_call(await self.gallery_id(gallery), [image], form))
 
-    async def images(self, gallery_id: int, *, page_size: int = 200) -> AsyncIterator[Json]:
-        offset: int | None = 0
-        while offset is not None:
-            params = {"offset": offset, "limit": page_size}
-            page = await self._run(_Call("GET", f"/galleries/{gallery_id}/images", params))
-            for item in page["items"]:
-                yield item
-            offset = _next_offset(page, offset)
+    async def search_batch(
+        self,
+        gallery: int | str,
+        images: Sequence[ImageInput],
+        *,
+        k: int = 10,
+        offset: int = 0,
+        labels: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        min_score: float | None = None,
+    ) -> Json:
+        form = _search_form(k, offset, labels, metadata, min_score)
+        call = _search_call(await self.gallery_id(gallery), images, form, batch=True)
+        return await self._run(call)
 
-    async def submit_job(self, job_type: str, params: dict[str, Any]) -> Json:
-        return await self._run(_Call("POST", "/jobs", json={"type": job_type, "params": params}))
+    async def similar(self, image_id: int, *, k: int = 10, offset: int = 0) -> Json:
+        params = {"k": k, "offset": offset}
+        return await self._run(_Call("GET", f"/images/{image_id}/similar", params=params))
+
+    async def search_vector(
+        self, gallery: int | str, vector: Sequence[float], *, k: int = 10, offset: int = 0
+    ) -> Json:
+        return await self._run(_vector_call(await self.gallery_id(gallery), vector, k, offset))
+
+    async def duplicates(
+        self, gallery: int | str, *, threshold: float = 0.95, limit: int = 100
+    ) -> Json:
+        params = {"threshold": threshold, "limit": limit}
+        path = f"/galleries/{await self.gallery_id(gallery)}/duplicates"
+        return await self._run(_Call("GET", path, params))
+
+    # --- jobs ------------------------------------------------------------------------------
+    async def submit_job(
+        self, job_type: str, params: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> Json:
+        return await self._run(_job_call(job_type, params, idempotency_key))
 
     async def job(self, job_id: int) -> Json:
         return await self._run(_Call("GET", f"/jobs/{job_id}"))
 
-    async def wait_job(self, job_id: int, *, poll_s: float = 1.0) -> Json:
+    async def jobs(
+        self, *, job_type: str | None = None, state: str | None = None, page_size: int = 100
+    ) -> AsyncIterator[Json]:
+        params = {k: v for k, v in (("type", job_type), ("state", state)) if v is not None}
+        async for item in self._pages("/jobs", params, page_size):
+            yield item
+
+    async def cancel_job(self, job_id: int) -> Json:
+        return await self._run(_Call("POST", f"/jobs/{job_id}/cancel"))
+
+    async def job_log(self, job_id: int, lines: int = 200) -> str:
+        return await self._run(_Call("GET", f"/jobs/{job_id}/logs", params={"lines": lines}))
+
+    async def wait_job(
+        self,
+        job_id: int,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = 1.0,
+        on_progress: Callable[[Json], None] | None = None,
+    ) -> Json:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             job = await self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
             if _ended(job):
                 return job
+            _check_deadline(job, deadline, timeout_s)
             await asyncio.sleep(poll_s)
+
+    # --- datasets and models ---------------------------------------------------------------
+    async def datasets(self) -> list[Json]:
+        return await self._run(_Call("GET", "/datasets"))
+
+    async def register_dataset(self, name: str, kind: str = "imagefolder", **fields: Any) -> Json:
+        body = {"name": name, "kind": kind, **fields}
+        return await self._run(_Call("POST", "/datasets", json=body))
 
     async def models(self) -> list[Json]:
         return await self._run(_Call("GET", "/models"))
+
+    async def model(self, model_id: int) -> Json:
+        return await self._run(_Call("GET", f"/models/{model_id}"))
+
+    async def register_model(self, name: str, artifact: str | os.PathLike[str]) -> Json:
+        return await self._run(_artifact_call(name, artifact))
+
+    async def register_pretrained(
+        self,
+        name: str,
+        backbone: str,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        image_size: int | None = None,
+    ) -> Json:
+        return await self._run(_pretrained_call(name, backbone, weights, image_size))
 
 
 __all__ = [

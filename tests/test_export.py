@@ -25,6 +25,7 @@ from training.export import (
     export_onnx,
     load_inference_embedder,
 )
+from training.fsutil import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_a_graph_onnx_runtime_cannot_load_falls_back_to_torch(tmp_path: Path) ->
     export_onnx(artifact)
     (artifact / ONNX_FILE).write_bytes(b"not an onnx graph")
     record = json.loads((artifact / ONNX_RECORD).read_text())
-    record["onnx_sha256"] = export.file_digest(artifact / ONNX_FILE)  # the record matches it
+    record["onnx_sha256"] = file_digest(artifact / ONNX_FILE)  # the record matches it
     (artifact / ONNX_RECORD).write_text(json.dumps(record))
     fallback = load_inference_embedder(artifact, threads=1)
     assert fallback.backend == "torch" and "ONNX Runtime unavailable" in fallback.backend_reason

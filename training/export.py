@@ -14,7 +14,6 @@ or swapped file is never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from torch import nn
 
 from training.checkpoint import WEIGHTS_FILE, Embedder, ModelCard, load_model
 from training.data.transforms import build_test_transform
+from training.fsutil import file_digest
 from training.models.embedding import EmbeddingModel
 from training.threads import ThreadPolicy
 
@@ -56,14 +56,6 @@ class _EmbedOutput(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_digest(directory: Path) -> str:

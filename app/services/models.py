@@ -101,6 +101,45 @@ def register_path(session: Session, settings: Settings, name: str, path: str) ->
     return register_artifact(session, settings, directory, name)
 
 
+def register_pretrained(
+    session: Session,
+    settings: Settings,
+    name: str,
+    backbone: str,
+    weights: tuple[str, Iterable[bytes]] | None = None,
+    image_size: int | None = None,
+) -> Model:
+    """Build a pretrained backbone's features as a model (`lookalike pretrained` on the
+    server) and register it. Without `weights` the backbone's own (built-ins: shipped with
+    their packages; other timm models: the hub, so only on a server with internet); with them,
+    an uploaded file as (file name, chunks). The card records the weights' source (the file's
+    name) and SHA-256."""
+    from training.checkpoint import export_pretrained
+    from training.models.backbones import BackboneError
+
+    _check_name_free(session, name)
+    staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
+    upload_dir = settings.models_dir / f".upload-{uuid.uuid4().hex}"
+    try:
+        source = "imagenet"
+        if weights is not None:
+            filename, chunks = weights
+            upload_dir.mkdir(mode=0o700)
+            upload = upload_dir / (Path(filename).name or "weights")
+            with open(upload, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            source = str(upload)
+        try:
+            export_pretrained(staging, backbone, weights=source, image_size=image_size)
+        except BackboneError as error:
+            raise Invalid(str(error).replace(str(upload_dir), "the upload")) from error
+        return _register_staged(session, settings, staging, name, builtin=False)
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _check_name_free(session: Session, name: str) -> None:
     if session.scalar(select(exists().where(Model.name == name))):
         raise Conflict(f"a model named {name!r} already exists; choose another name")

@@ -15,6 +15,7 @@ from tests.app.conftest import png, write_tiny_artifact
 from training import export
 from training.evaluation.cluster_classifier import ClusterClassifier
 from training.export import ONNX_FILE, ONNX_RECORD
+from training.fsutil import file_digest
 
 API = "/api/v1"
 
@@ -202,7 +203,7 @@ def test_registration_makes_its_own_checked_export(client: TestClient, model_roo
     (carrying / ONNX_FILE).write_bytes(foreign)
     record = {
         "weights_sha256": export.weights_digest(carrying),
-        "onnx_sha256": export.file_digest(carrying / ONNX_FILE),
+        "onnx_sha256": file_digest(carrying / ONNX_FILE),
     }
     (carrying / ONNX_RECORD).write_text(json.dumps(record))
     response = client.post(f"{API}/models", data={"name": "carrying", "path": carrying.name})
@@ -284,3 +285,66 @@ def test_index_settings_that_fail_to_build_are_never_committed(
     assert after == before
     search = client.post(f"{API}/galleries/{gallery}/search", files={"image": ("q.png", png(0, 0))})
     assert search.status_code == 200 and search.json()["results"][0]["score"] > 0.99
+
+
+def test_a_model_built_on_the_server_from_a_backbone_and_its_weights_file(
+    client: TestClient, tmp_path: Path, api_settings, monkeypatch
+):
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    weights = {"weights": ("vit.safetensors", path.read_bytes())}
+    made = client.post(
+        f"{API}/models",
+        data={"name": "vit", "backbone": "test_vit", "image_size": "96"},
+        files=weights,
+    )
+    assert made.status_code == 201, made.text
+    card = made.json()["card"]
+    assert card["backbone_weights"] == {
+        "source": "file:vit.safetensors",
+        "sha256": file_digest(path),
+    }
+    assert card["preprocessing"]["image_size"] == 96 and made.json()["method"] == "pretrained"
+    gallery = client.post(f"{API}/galleries", json={"name": "g", "model_id": made.json()["id"]})
+    upload = client.post(
+        f"{API}/galleries/{gallery.json()['id']}/images",
+        files=[("files", (f"{i}.png", png(i, i))) for i in range(3)],
+    )
+    assert upload.status_code == 201, upload.text
+    found = client.post(
+        f"{API}/galleries/{gallery.json()['id']}/search",
+        files={"image": ("q.png", png(1, 1))},
+        data={"k": "1"},
+    )
+    assert found.json()["results"][0]["image_id"] == upload.json()["results"][1]["image"]["id"]
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refused = {
+        "no hub here": ({"name": "hub", "backbone": "test_vit"}, None),
+        "wrong file": (
+            {"name": "junk", "backbone": "test_vit"},
+            {"weights": ("vit.pth", b"not a checkpoint")},
+        ),
+        "unknown backbone": ({"name": "nope", "backbone": "no_such_net"}, None),
+        "two sources": ({"name": "two", "backbone": "test_vit", "path": "tiny"}, None),
+        "not a weights file": (
+            {"name": "txt", "backbone": "test_vit"},
+            {"weights": ("w.txt", b"x")},
+        ),
+    }
+    for case, (form, files) in refused.items():
+        response = client.post(f"{API}/models", data=form, files=files)
+        assert response.status_code == 422, (case, response.text)
+        assert str(api_settings.models_dir) not in response.json()["detail"], case
+    assert (
+        "as a file"
+        in client.post(f"{API}/models", data={"name": "hub", "backbone": "test_vit"}).json()[
+            "detail"
+        ]
+    )
+    assert [m["name"] for m in client.get(f"{API}/models").json()] == ["vit"]
+    assert not [p.name for p in api_settings.models_dir.iterdir() if p.name.startswith(".")]

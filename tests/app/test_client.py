@@ -121,22 +121,53 @@ def test_jobs_submit_wait_with_progress_list_and_cancel(server) -> None:
             client.submit_job("nope", {})
 
 
-def test_async_client_does_the_same(server) -> None:
-    url, _, model_id = server
+def test_async_client_has_the_whole_api(server, tmp_path: Path) -> None:
+    url, datasets, model_id = server
+    public = {name for name in dir(Client) if not name.startswith("_")} - {"close"}
+    assert public <= {name for name in dir(AsyncClient) if not name.startswith("_")}
+    import timm
+    from safetensors.torch import save_file
 
-    async def journey() -> tuple[int, list[dict], dict]:
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(weights))
+
+    async def journey() -> dict:
         async with AsyncClient(url, KEY) as client:
             gallery = await client.create_gallery("async", model_id=model_id)
-            uploaded = await client.upload(
-                gallery["id"], [png(i, 2) for i in range(6)], batch_size=4
+            progress: list[tuple[int, int]] = []
+            uploaded = await client.upload_folder(
+                "async",
+                datasets / "tiny" / "test",
+                batch_size=8,
+                on_batch=lambda *p: progress.append(p),
             )
-            images = [image async for image in client.images(gallery["id"], page_size=4)]
-            found = await client.search(gallery["id"], png(2, 2), k=1)
-            return len(uploaded), images, found
+            images = [image async for image in client.images("async", page_size=6)]
+            first = images[0]["id"]
+            return {
+                "uploaded": len(uploaded),
+                "progress": progress,
+                "images": len(images),
+                "by_name": (await client.gallery("async"))["id"] == gallery["id"],
+                "batch": await client.search_batch("async", [png(8, 0), png(9, 0)], k=1),
+                "similar": await client.similar(first, k=2),
+                "duplicates": await client.duplicates("async", threshold=0.999),
+                "jobs": [job async for job in client.jobs(page_size=2)],
+                "model": await client.model(model_id),
+                "pretrained": await client.register_pretrained(
+                    "vit", "test_vit", weights=weights, image_size=96
+                ),
+                "artifact": await client.register_model(
+                    "tiny-again", datasets.parent / "models-in" / "tiny"
+                ),
+            }
 
-    uploaded, images, found = asyncio.run(journey())
-    assert uploaded == 6 and len(images) == 6
-    assert found["results"][0]["score"] > 0.99
+    seen = asyncio.run(journey())
+    assert seen["uploaded"] == seen["images"] == 20 and seen["progress"][-1] == (20, 20)
+    assert seen["by_name"] and len(seen["batch"]["queries"]) == 2
+    assert len(seen["similar"]["results"]) == 2 and "groups" in seen["duplicates"]
+    assert seen["model"]["id"] == model_id
+    assert seen["pretrained"]["card"]["backbone_weights"]["source"] == "file:vit.safetensors"
+    assert seen["artifact"]["embedding_dim"] == seen["model"]["embedding_dim"]
 
 
 def test_cli_upload_search_and_jobs(server, tmp_path: Path, monkeypatch) -> None:

@@ -40,7 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from training.checkpoint import ModelCard, Preprocessing, load_model, read_card, save_artifact
+from training.checkpoint import (
+    ModelCard,
+    Preprocessing,
+    load_model,
+    read_card,
+    save_artifact,
+    weights_provenance,
+)
 from training.config import TrainConfig
 from training.data.image_dataset import ImageDataset, drop_unreadable
 from training.data.readers import check_trainable, load_dataset
@@ -496,6 +503,7 @@ class Trainer:
             method=self.method.card(),
             training_data={**self.data.summary(), "spec": self.cfg.data},
             metrics=metrics,
+            backbone_weights=weights_provenance(self.model),
         )
 
     def _save_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
@@ -14,6 +15,7 @@ from app.services.errors import Invalid
 router = APIRouter(prefix="/models", tags=["models"])
 
 CHUNK = 1024 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @router.get("", response_model=list[ModelOut], dependencies=[ReadAccess])
@@ -37,15 +39,54 @@ def register_model(
     ] = None,
     card: Annotated[UploadFile | None, File(description="The artifact's card.json.")] = None,
     weights: Annotated[
-        UploadFile | None, File(description="The artifact's model.safetensors.")
+        UploadFile | None,
+        File(
+            description="The artifact's model.safetensors; with `backbone`, the backbone's "
+            "pretrained weights (.safetensors/.pth/.bin)."
+        ),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        Form(
+            description="Build the model on the server from a pretrained backbone: "
+            "efficientnet_lite0/1/2, resnet18/50 or a timm model name.",
+            max_length=200,
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        Form(description="With `backbone`: the input size (default: its own).", ge=32, le=1024),
     ] = None,
 ) -> ModelDetail:
-    """Either `path` (a directory under LOOKALIKE_MODEL_ROOT) or the two files of an artifact
-    (`lookalike train` / `lookalike pretrained` write them). The artifact is validated by
-    loading it, copied into the model store and never changed afterwards."""
-    if path is not None and (card is not None or weights is not None):
-        raise Invalid("send either a path or the card and weights files, not both")
-    if path is not None:
+    """One of: `path` (a directory under LOOKALIKE_MODEL_ROOT); the two files of an artifact
+    (`lookalike train` / `lookalike pretrained` write them); or a `backbone` name, optionally
+    with its `weights` file, which the server turns into a model as `lookalike pretrained`
+    does (a timm model without a file downloads its weights from the hub, so only on a server
+    with internet). The artifact is validated by loading it, copied into the model store and
+    never changed afterwards."""
+    sources = [path is not None, card is not None, backbone is not None]
+    if sum(sources) > 1:
+        raise Invalid("send one of: a path, the card and weights files, or a backbone")
+    if backbone is not None:
+        suffix = Path(weights.filename or "").suffix if weights is not None else ""
+        if weights is not None and suffix not in WEIGHT_SUFFIXES:
+            raise Invalid(f"backbone weights must be one of {', '.join(WEIGHT_SUFFIXES)} files")
+        model = service.register_pretrained(
+            session,
+            settings,
+            name,
+            backbone,
+            weights=(
+                (
+                    weights.filename or "weights" + suffix,
+                    iter(lambda: weights.file.read(CHUNK), b""),
+                )
+                if weights is not None
+                else None
+            ),
+            image_size=image_size,
+        )
+    elif path is not None:
         model = service.register_path(session, settings, name, path)
     elif card is not None and weights is not None:
         model = service.register_upload(
@@ -54,7 +95,7 @@ def register_model(
     else:
         raise Invalid(
             "send the artifact's card.json as `card` and model.safetensors as `weights`, "
-            "or a `path` under the server's model root"
+            "a `path` under the server's model root, or a `backbone`"
         )
     return ModelDetail.model_validate(model)
 
