@@ -238,6 +238,13 @@ def _job_call(job_type: str, params: dict[str, Any], idempotency_key: str | None
     return _Call("POST", "/jobs", json={"type": job_type, "params": params}, headers=headers)
 
 
+def _cluster_params(gallery_id: int, method: str, k: int | None, k_max: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"gallery_id": gallery_id, "method": method, "k_max": k_max}
+    if k is not None:
+        params["k"] = k
+    return params
+
+
 def _check_deadline(job: Json, deadline: float | None, timeout_s: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise TimeoutError(f"job {job['id']} is still {job['state']} after {timeout_s} s")
@@ -504,6 +511,39 @@ class Client(_Base):
         params = {"threshold": threshold, "limit": limit}
         return self._run(_Call("GET", f"/galleries/{self.gallery_id(gallery)}/duplicates", params))
 
+    # --- clusters --------------------------------------------------------------------------
+    def cluster(
+        self,
+        gallery: int | str,
+        *,
+        method: str = "kmeans",
+        k: int | None = None,
+        k_max: int = 50,
+        timeout_s: float | None = None,
+    ) -> Json:
+        """Run a `cluster` job (k chosen by silhouette up to `k_max` unless given), wait for it
+        and return the clustering with its first clusters."""
+        params = _cluster_params(self.gallery_id(gallery), method, k, k_max)
+        job = self.wait_job(self.submit_job("cluster", params)["id"], timeout_s=timeout_s)
+        return self.clustering(job["result"]["clustering_id"])
+
+    def clusterings(self, gallery: int | str) -> list[Json]:
+        return self._run(_Call("GET", f"/galleries/{self.gallery_id(gallery)}/clusterings"))
+
+    def clustering(
+        self, clustering_id: int, *, examples: int = 8, offset: int = 0, limit: int = 50
+    ) -> Json:
+        params = {"examples": examples, "offset": offset, "limit": limit}
+        return self._run(_Call("GET", f"/clusterings/{clustering_id}", params))
+
+    def cluster_images(
+        self, clustering_id: int, cluster: int, *, page_size: int = 200
+    ) -> Iterator[Json]:
+        return self._pages(f"/clusterings/{clustering_id}/clusters/{cluster}/images", {}, page_size)
+
+    def delete_clustering(self, clustering_id: int) -> None:
+        self._run(_Call("DELETE", f"/clusterings/{clustering_id}"))
+
     # --- jobs ------------------------------------------------------------------------------
     def submit_job(
         self, job_type: str, params: dict[str, Any], *, idempotency_key: str | None = None
@@ -745,6 +785,41 @@ class AsyncClient(_Base):
         params = {"threshold": threshold, "limit": limit}
         path = f"/galleries/{await self.gallery_id(gallery)}/duplicates"
         return await self._run(_Call("GET", path, params))
+
+    # --- clusters --------------------------------------------------------------------------
+    async def cluster(
+        self,
+        gallery: int | str,
+        *,
+        method: str = "kmeans",
+        k: int | None = None,
+        k_max: int = 50,
+        timeout_s: float | None = None,
+    ) -> Json:
+        params = _cluster_params(await self.gallery_id(gallery), method, k, k_max)
+        submitted = await self.submit_job("cluster", params)
+        job = await self.wait_job(submitted["id"], timeout_s=timeout_s)
+        return await self.clustering(job["result"]["clustering_id"])
+
+    async def clusterings(self, gallery: int | str) -> list[Json]:
+        path = f"/galleries/{await self.gallery_id(gallery)}/clusterings"
+        return await self._run(_Call("GET", path))
+
+    async def clustering(
+        self, clustering_id: int, *, examples: int = 8, offset: int = 0, limit: int = 50
+    ) -> Json:
+        params = {"examples": examples, "offset": offset, "limit": limit}
+        return await self._run(_Call("GET", f"/clusterings/{clustering_id}", params))
+
+    async def cluster_images(
+        self, clustering_id: int, cluster: int, *, page_size: int = 200
+    ) -> AsyncIterator[Json]:
+        path = f"/clusterings/{clustering_id}/clusters/{cluster}/images"
+        async for item in self._pages(path, {}, page_size):
+            yield item
+
+    async def delete_clustering(self, clustering_id: int) -> None:
+        await self._run(_Call("DELETE", f"/clusterings/{clustering_id}"))
 
     # --- jobs ------------------------------------------------------------------------------
     async def submit_job(

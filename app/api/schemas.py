@@ -19,8 +19,9 @@ from pydantic import (
 )
 
 from app.api import input_rules
-from app.db.models import Dataset, Image
+from app.db.models import Clustering, Dataset, Image
 from app.index_store import IndexType
+from app.services.clusters import ClusterSummary
 from app.services.duplicates import DuplicateGroup
 from app.services.filters import Filters, MetadataValue
 from app.services.galleries import GalleryInfo
@@ -457,3 +458,55 @@ class DuplicatesResponse(BaseModel):
     threshold: float
     total_groups: int = Field(description="Groups found; `groups` holds the largest `limit`.")
     groups: list[DuplicateGroupOut]
+
+
+class ClusteringOut(BaseModel):
+    """A stored clustering of a gallery (the result of a `cluster` job)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    gallery_id: int
+    model_id: int
+    job_id: int | None
+    method: str
+    k: int = Field(description="Clusters (k-means may leave some empty: they are dropped).")
+    silhouette: float | None = Field(description="Mean silhouette (cosine) of the clusters.")
+    k_scores: dict[str, float] = Field(
+        description="Silhouette of every k tried, when k was chosen by it."
+    )
+    size: int = Field(description="Images clustered.")
+    created_at: Timestamp
+
+
+class ClusterOut(BaseModel):
+    cluster: int = Field(description="Cluster number: 0 is the largest.")
+    size: int
+    top_label: str | None = Field(description="The most common label among its images.")
+    top_label_share: float | None = Field(description="That label's share of labelled images.")
+    examples: list[ImageOut] = Field(description="Its most typical images (nearest the centre).")
+
+    @classmethod
+    def of(cls, summary: ClusterSummary) -> ClusterOut:
+        return cls(
+            cluster=summary.cluster,
+            size=summary.size,
+            top_label=summary.top_label,
+            top_label_share=summary.top_label_share,
+            examples=[ImageOut.of(image) for image in summary.examples],
+        )
+
+
+class ClusteringDetail(ClusteringOut):
+    total_clusters: int = Field(description="Clusters that still have images.")
+    clusters: list[ClusterOut] = Field(description="The page of clusters, largest first.")
+
+    @classmethod
+    def of(
+        cls, clustering: Clustering, clusters: list[ClusterSummary], total: int
+    ) -> ClusteringDetail:
+        return cls(
+            **ClusteringOut.model_validate(clustering).model_dump(),
+            total_clusters=total,
+            clusters=[ClusterOut.of(summary) for summary in clusters],
+        )

@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     root = tmp_path_factory.mktemp("serve")
     settings = worker_settings(root, api_keys=[KEY])
     with serve_processes(settings, port=free_port()) as service:
-        with httpx.Client(base_url=service.url, headers={"X-API-Key": KEY}) as http:
+        with httpx.Client(base_url=service.url, headers={"X-API-Key": KEY}, timeout=60) as http:
             model = http.post("/api/v1/models", data={"name": "tiny", "path": "tiny"}).json()
         yield service.url, root / "datasets", model["id"]
 
@@ -223,3 +223,55 @@ def test_pil_images_and_bytes_become_multipart_parts() -> None:
     assert (name, media) == ("image.png", "image/png")
     assert Image.open(io.BytesIO(data)).size == (4, 4)
     assert image_part(b"\xff\xd8raw", "q")[:2] == ("q", b"\xff\xd8raw")
+
+
+def test_cluster_job_stores_a_clustering_the_api_pages_and_deletes(server) -> None:
+    url, datasets, model_id = server
+    with Client(url, KEY) as client:
+        client.create_gallery("to-cluster", model_id=model_id)
+        client.upload_folder("to-cluster", datasets / "tiny" / "train")  # 8 classes x 6
+        chosen = client.cluster("to-cluster", k_max=12, timeout_s=120)
+        assert 2 <= chosen["k"] <= 12 and chosen["size"] == 48
+        assert str(chosen["k"]) in chosen["k_scores"] and chosen["silhouette"] is not None
+        sizes = [c["size"] for c in chosen["clusters"]]
+        assert sum(sizes) == 48 and sizes == sorted(sizes, reverse=True)
+        assert chosen["total_clusters"] == chosen["k"]
+        first = chosen["clusters"][0]
+        assert 1 <= len(first["examples"]) <= 8 and first["top_label"].startswith("c")
+        members = list(client.cluster_images(chosen["id"], 0, page_size=5))
+        assert len(members) == first["size"]
+        assert [m["id"] for m in members[: len(first["examples"])]] == [
+            e["id"] for e in first["examples"]
+        ]
+
+        job = client.wait_job(
+            client.submit_job(
+                "cluster",
+                {"gallery_id": client.gallery_id("to-cluster"), "method": "agglomerative", "k": 8},
+            )["id"]
+        )
+        assert job["result"]["k"] == 8 and set(job["result"]["labels"]) == {"nmi", "purity"}
+        listed = client.clusterings("to-cluster")
+        assert [c["id"] for c in listed] == [job["result"]["clustering_id"], chosen["id"]]
+
+        client.delete_image(members[0]["id"])  # a deleted image leaves its clusters
+        again = client.clustering(chosen["id"], examples=0)
+        assert sum(c["size"] for c in again["clusters"]) == 47
+        for params, reason in [
+            ({"k_min": 9, "k_max": 3}, "k_min"),
+            ({"k": 0}, "greater than or equal to 1"),
+            ({"method": "dbscan"}, "kmeans"),
+        ]:
+            with pytest.raises(InvalidRequest, match=reason):
+                client.submit_job(
+                    "cluster", {"gallery_id": client.gallery_id("to-cluster"), **params}
+                )
+        client.create_gallery("one-image", model_id=model_id)
+        client.upload("one-image", [png(1, 1)])
+        with pytest.raises(InvalidRequest, match="clustering needs 2"):
+            client.cluster("one-image")
+        client.delete_clustering(chosen["id"])
+        with pytest.raises(NotFound, match="clustering"):
+            client.clustering(chosen["id"])
+        with pytest.raises(NotFound, match="clusters 0 to"):
+            list(client.cluster_images(job["result"]["clustering_id"], 99))

@@ -120,3 +120,40 @@ class IndexVersion(Base):
     # when it was built (1.0 for flat; None: built empty, or before this was measured).
     recall_at_10: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Clustering(Base):
+    """A `cluster` job's grouping of a gallery's images by their embeddings (one model)."""
+
+    __tablename__ = "clusterings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    gallery_id: Mapped[int] = mapped_column(
+        ForeignKey("galleries.id", ondelete="CASCADE"), index=True
+    )
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(32))
+    k: Mapped[int] = mapped_column(Integer)
+    # Mean silhouette (cosine) of the chosen k, and of every k tried when k was chosen by it.
+    silhouette: Mapped[float | None] = mapped_column(Float)
+    k_scores: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    size: Mapped[int] = mapped_column(Integer)  # images clustered
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ClusterMember(Base):
+    """One image's cluster in a clustering, and its cosine to the cluster's centre (members
+    closest to the centre are the cluster's most typical pictures)."""
+
+    __tablename__ = "cluster_members"
+    __table_args__ = (Index("ix_cluster_members_cluster", "clustering_id", "cluster"),)
+
+    clustering_id: Mapped[int] = mapped_column(
+        ForeignKey("clusterings.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    cluster: Mapped[int] = mapped_column(Integer)
+    centre_score: Mapped[float] = mapped_column(Float)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from app.services.errors import Invalid
-from app.services.jobs import dataset, evaluate, imports, index, train
+from app.services.jobs import cluster, dataset, evaluate, imports, index, train
 from app.services.jobs.base import JobKind
 
 KINDS: dict[str, JobKind] = {
@@ -20,6 +20,7 @@ KINDS: dict[str, JobKind] = {
         index.KIND,
         imports.KIND,
         dataset.KIND,
+        cluster.KIND,
     )
 }
 
