@@ -20,6 +20,7 @@ from app.api.routes import (
 api_router = APIRouter(prefix="/api/v1", dependencies=[Depends(check_request_values)])
 api_router.include_router(models.router)
 api_router.include_router(galleries.router)
+api_router.include_router(galleries.index_types_router)
 api_router.include_router(images.router)
 api_router.include_router(search.router)
 api_router.include_router(clusters.router)

@@ -63,6 +63,49 @@ INDEX_PARAM_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+# What each index type reads, with its default and meaning: GET /api/v1/index-types (the web
+# UI's index settings form is built from it). A type ignores the other parameters.
+INDEX_PARAM_HELP: dict[str, tuple[str, str]] = {
+    "m": (
+        "32 (HNSW); chosen from the size (IVF-PQ)",
+        "HNSW: links per node; IVF-PQ: sub-quantizers",
+    ),
+    "ef_search": ("64", "HNSW: candidates explored per search (recall vs speed)"),
+    "ef_construction": ("40", "HNSW: candidates explored per insertion (build time vs quality)"),
+    "nlist": ("chosen from the size", "IVF-PQ: coarse clusters"),
+    "nprobe": ("nlist / 4, 1 to 256", "IVF-PQ: clusters visited per search"),
+    "refine_factor": ("16", "IVF-PQ: candidates re-scored exactly per wanted hit (1: none)"),
+    "compact_fraction": ("0.2", "share of deleted entries that triggers a rebuild"),
+}
+INDEX_TYPE_PARAMS: dict[IndexType, tuple[str, ...]] = {
+    IndexType.flat: ("compact_fraction",),
+    IndexType.hnsw: ("m", "ef_search", "ef_construction", "compact_fraction"),
+    IndexType.ivfpq: ("nlist", "m", "nprobe", "refine_factor", "compact_fraction"),
+}
+
+
+def index_types() -> list[dict[str, Any]]:
+    """Each index type's parameters with their ranges, defaults and meaning."""
+    return [
+        {
+            "type": kind.value,
+            "params": [
+                {
+                    "name": key,
+                    "min": INDEX_PARAM_RANGES[key][0],
+                    "max": INDEX_PARAM_RANGES[key][1],
+                    "integer": key != "compact_fraction",
+                    "default": INDEX_PARAM_HELP[key][0],
+                    "description": INDEX_PARAM_HELP[key][1],
+                    "expected": _expected(key),
+                }
+                for key in keys
+            ],
+        }
+        for kind, keys in INDEX_TYPE_PARAMS.items()
+    ]
+
+
 def _expected(key: str) -> str:
     low, high = INDEX_PARAM_RANGES[key]
     if key == "compact_fraction":

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 PLOTS = ("recall", "training", "memorisation", "tsne")
 TSNE_MAX_POINTS = 1000  # a stratified sample of the split keeps t-SNE to seconds on a CPU
 TSNE_SEED = 0
+TSNE_MAX_COLOURED = 20  # tab20's colours; more classes cannot be told apart
+TSNE_DEFAULT_COLOURED = 10
+TSNE_THUMBNAILS = 120
 _RECALL_PREFIX = "recall@"
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -207,6 +210,94 @@ def build_report(session: Session, model_id: int, dataset_id: int | None = None)
     return report
 
 
+@dataclass
+class Comparison:
+    """Several models' metrics on the same split of one dataset, one source per model."""
+
+    dataset: Dataset
+    split: str
+    entries: list[tuple[Model, Source | None]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": {"id": self.dataset.id, "name": self.dataset.name},
+            "split": self.split,
+            "models": [
+                {
+                    "model": {"id": model.id, "name": model.name, "method": model.method},
+                    "source": None if source is None else source.name,
+                    "job_id": None if source is None else source.job_id,
+                    "metrics": {} if source is None else source.metrics,
+                }
+                for model, source in self.entries
+            ],
+        }
+
+
+def compare_models(
+    session: Session, model_ids: list[int], dataset_id: int, split: str
+) -> Comparison:
+    """Each model's metrics on `split` of the dataset: its latest evaluate job there, else the
+    metrics its train job measured when it trained on this dataset; None when neither exists
+    (run an evaluate job). Only sources on these images count: not a baseline's numbers copied
+    into another model's report, nor a card's metrics from data this server does not know."""
+    if not 2 <= len(model_ids) <= 6:
+        raise Invalid("compare 2 to 6 models")
+    if split not in ("test", "train", "val"):
+        raise Invalid("split must be test, train or val")
+    if not all(1 <= model_id <= 2**31 - 1 for model_id in model_ids):
+        raise Invalid("model ids are positive integers below 2^31")
+    entries: list[tuple[Model, Source | None]] = []
+    dataset: Dataset | None = None
+    for model_id in model_ids:
+        report = build_report(session, model_id, dataset_id)
+        dataset = report.dataset
+        job = report.train_job
+        trained_here = job is not None and job.params.get("dataset_id") == dataset_id
+        own = [
+            s
+            for s in report.sources
+            if s.split == split
+            and (s.job_id is not None or trained_here)  # a card's metrics of unknown data: no
+            and "for comparison" not in s.name
+        ]
+        evaluated = [s for s in own if s.job_id is not None]
+        chosen = evaluated or own
+        entries.append((report.model, chosen[0] if chosen else None))
+    assert dataset is not None
+    return Comparison(dataset, split, entries)
+
+
+def compare_png(comparison: Comparison) -> bytes:
+    """The models' Recall@K curves on one plot."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    ks: set[int] = set()
+    for model, source in comparison.entries:
+        if source is None:
+            continue
+        curve = {
+            int(name[len(_RECALL_PREFIX) :]): value
+            for name, value in source.metrics.items()
+            if name.startswith(_RECALL_PREFIX) and name[len(_RECALL_PREFIX) :].isdigit()
+        }
+        if curve:
+            points = sorted(curve)
+            ks.update(points)
+            axes.plot(points, [curve[k] for k in points], marker="o", label=model.name)
+    if not ks:
+        raise NotFound("none of these models has Recall@K on this split yet; evaluate them")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    axes.minorticks_off()
+    axes.set_xlabel("K")
+    axes.set_ylabel("Recall@K")
+    axes.set_ylim(0, 1.02)
+    axes.legend(fontsize="small")
+    axes.set_title(f"{comparison.dataset.name}, {comparison.split} split")
+    return _png(figure)
+
+
 # ---------------------------------------------------------------------- plots
 def _figure(width: float = 6.4, height: float = 4.0):
     from matplotlib.figure import Figure
@@ -231,14 +322,21 @@ def epoch_axis(axes: Any, epochs: list[int]) -> None:
         axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
 
 
-def plot(settings: Settings, session: Session, report: Report, name: str, split: str) -> bytes:
+def plot(
+    settings: Settings,
+    session: Session,
+    report: Report,
+    name: str,
+    split: str,
+    tsne_view: TsneView | None = None,
+) -> bytes:
     """One plot of the report as PNG bytes; NotFound when the report lacks its data."""
     if name not in PLOTS:
         raise NotFound(f"no plot {name!r}; choose one of: {', '.join(PLOTS)}")
     if name not in report.plots():
         raise NotFound(f"the report has no data for the {name} plot yet")
     if name == "tsne":
-        return tsne_png(settings, report, split)
+        return tsne_png(settings, report, split, tsne_view or TsneView())
 
     figure = _figure()
     axes = figure.add_subplot()
@@ -284,12 +382,12 @@ def _lock(key: str) -> threading.Lock:
 
 
 def tsne_points(settings: Settings, report: Report, split: str) -> dict[str, Any]:
-    """{"x", "y", "labels", "classes"}: a stratified sample of the split's embeddings by the
-    model, mapped to 2-D with t-SNE; cached in DATA_DIR/reports (models are immutable)."""
+    """{"x", "y", "labels", "classes", "paths"}: a stratified sample of the split's embeddings
+    by the model, mapped to 2-D with t-SNE; cached in DATA_DIR/reports (models are immutable)."""
     assert report.dataset is not None
     if split not in ("test", "train"):
         raise Invalid("split must be test or train")
-    key = f"tsne-model{report.model.id}-dataset{report.dataset.id}-{split}"
+    key = f"tsne2-model{report.model.id}-dataset{report.dataset.id}-{split}"
     cache = settings.data_dir / "reports" / f"{key}.json"
     with _lock(key):
         if cache.is_file():
@@ -326,37 +424,112 @@ def _compute_tsne(settings: Settings, report: Report, split_name: str) -> dict[s
         "y": coords[:, 1].round(4).tolist(),
         "labels": codes.astype(int).tolist(),
         "classes": list(split.class_names),
+        "paths": [str(path) for path in split.paths],
     }
 
 
-def tsne_png(settings: Settings, report: Report, split: str) -> bytes:
+@dataclass
+class TsneView:
+    """How the t-SNE map is drawn: which classes get colours (None: the most frequent ones
+    when there are too many to tell apart) and whether a sample of the images is drawn as
+    thumbnails at their points."""
+
+    classes: list[str] | None = None
+    thumbnails: bool = False
+
+
+def tsne_png(settings: Settings, report: Report, split: str, view: TsneView) -> bytes:
     points = tsne_points(settings, report, split)
     figure = _figure(6.4, 5.2)
     axes = figure.add_subplot()
     labels = np.asarray(points["labels"])
+    xs, ys = np.asarray(points["x"]), np.asarray(points["y"])
     classes = points["classes"]
+    present = [int(code) for code in np.unique(labels)]
+    if view.classes:
+        index = {name: code for code, name in enumerate(classes)}
+        unknown = [name for name in view.classes if name not in index]
+        if unknown:
+            examples = ", ".join(classes[code] for code in present[:5])
+            raise Invalid(f"no class {unknown[0]!r} in this split (its classes include {examples})")
+        if len(view.classes) > TSNE_MAX_COLOURED:
+            raise Invalid(f"colour at most {TSNE_MAX_COLOURED} classes")
+        coloured = [index[name] for name in view.classes]
+    elif len(present) <= TSNE_MAX_COLOURED:
+        coloured = present
+    else:  # 142 colours are confetti: the most frequent classes, the rest in grey
+        counts = np.bincount(labels)
+        coloured = sorted(present, key=lambda code: (-counts[code], code))[:TSNE_DEFAULT_COLOURED]
     import matplotlib
 
-    palette = 10 if len(classes) <= 10 else 20
+    palette = 10 if len(coloured) <= 10 else 20
     colours = matplotlib.colormaps[f"tab{palette}"]
     markers = "os^Dv<>p*h"
     size = 36 if len(labels) <= 300 else 14
-    for code in np.unique(labels):
+    rest = ~np.isin(labels, coloured)
+    if rest.any():
+        axes.scatter(xs[rest], ys[rest], s=size / 2, color="0.82", label="other classes")
+    colour_of = {}
+    for position, code in enumerate(coloured):
         chosen = labels == code
+        colour_of[code] = colours(position % palette)
         axes.scatter(
-            np.asarray(points["x"])[chosen],
-            np.asarray(points["y"])[chosen],
+            xs[chosen],
+            ys[chosen],
             s=size,
-            color=colours(int(code) % palette),
-            marker=markers[(int(code) // palette) % len(markers)],
+            color=colour_of[code],
+            marker=markers[(position // palette) % len(markers)],
             label=classes[code] if code < len(classes) else str(code),
-            alpha=0.85,
+            alpha=0.9,
         )
-    if len(classes) <= 20:
-        axes.legend(fontsize="x-small", markerscale=1.2, loc="best", ncols=2)
+    if view.thumbnails:
+        _draw_thumbnails(axes, xs, ys, labels, points["paths"], colour_of)
+    axes.legend(fontsize="x-small", markerscale=1.2, loc="best", ncols=2)
     axes.set_xticks([])
     axes.set_yticks([])
     dataset = report.dataset.name if report.dataset else ""
-    count = len(set(labels.tolist()))
-    axes.set_title(f"t-SNE of {len(labels)} {split} embeddings ({dataset}), {count} classes")
+    shown = "" if len(coloured) == len(present) else f", {len(coloured)} coloured"
+    axes.set_title(
+        f"t-SNE of {len(labels)} {split} embeddings ({dataset}), {len(present)} classes{shown}",
+        fontsize="medium",
+    )
     return _png(figure)
+
+
+def _draw_thumbnails(
+    axes: Any,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    labels: np.ndarray,
+    paths: list[str],
+    colour_of: dict[int, Any],
+) -> None:
+    """Up to TSNE_THUMBNAILS images at their points, none overlapping another (chosen in a
+    seeded random order), framed in their class's colour when it has one."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from PIL import Image
+
+    span = np.array([np.ptp(xs) or 1.0, np.ptp(ys) or 1.0])
+    placed: list[np.ndarray] = []
+    for i in np.random.default_rng(TSNE_SEED).permutation(len(xs)):
+        where = np.array([xs[i], ys[i]]) / span
+        if any(np.abs(where - other).max() < 0.07 for other in placed):
+            continue
+        try:
+            with Image.open(paths[i]) as image:
+                thumb = image.convert("RGB")
+                thumb.thumbnail((40, 40))
+        except (OSError, ValueError):
+            continue  # a file gone since the map was cached: its point stays
+        colour = colour_of.get(int(labels[i]), "0.6")
+        box = AnnotationBbox(
+            OffsetImage(np.asarray(thumb), zoom=0.55),
+            (xs[i], ys[i]),
+            frameon=True,
+            pad=0.1,
+            bboxprops={"edgecolor": colour, "linewidth": 1.2},
+        )
+        axes.add_artist(box)
+        placed.append(where)
+        if len(placed) >= TSNE_THUMBNAILS:
+            break

@@ -348,3 +348,30 @@ def test_a_model_built_on_the_server_from_a_backbone_and_its_weights_file(
     )
     assert [m["name"] for m in client.get(f"{API}/models").json()] == ["vit"]
     assert not [p.name for p in api_settings.models_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_index_types_list_each_types_parameters_with_the_ranges_patch_enforces(
+    client: TestClient, gallery: int
+):
+    types = {t["type"]: t["params"] for t in client.get(f"{API}/index-types").json()}
+    assert list(types) == ["flat", "hnsw", "ivfpq"]
+    hnsw = {p["name"]: p for p in types["hnsw"]}
+    assert set(hnsw) == {"m", "ef_search", "ef_construction", "compact_fraction"}
+    assert (hnsw["ef_search"]["min"], hnsw["ef_search"]["max"], hnsw["ef_search"]["integer"]) == (
+        1,
+        4096,
+        True,
+    )
+    assert {p["name"] for p in types["ivfpq"]} >= {"nlist", "nprobe", "refine_factor"}
+    for name, param in hnsw.items():  # one past each bound is refused with the stated range
+        outside = param["max"] + 1
+        refused = client.patch(
+            f"{API}/galleries/{gallery}",
+            json={"index_type": "hnsw", "index_params": {name: outside}},
+        )
+        assert refused.status_code == 422 and param["expected"] in refused.json()["detail"], name
+    accepted = client.patch(
+        f"{API}/galleries/{gallery}",
+        json={"index_type": "hnsw", "index_params": {"ef_search": hnsw["ef_search"]["max"]}},
+    )
+    assert accepted.status_code == 200 and accepted.json()["index_params"]["ef_search"] == 4096

@@ -106,15 +106,65 @@ def test_a_models_report_and_its_plots(tmp_path):
         tsne = client.get(f"{reports}/plots/tsne.png", params={"dataset_id": dataset["id"]})
         assert tsne.status_code == 200, tsne.text
         assert tsne.content.startswith(PNG)
-        name = f"tsne-model{model['id']}-dataset{dataset['id']}-test.json"
+        name = f"tsne2-model{model['id']}-dataset{dataset['id']}-test.json"
         cache = settings.data_dir / "reports" / name
         points = json.loads(cache.read_text())
         assert len(points["x"]) == len(points["y"]) == 20
         assert sorted(set(points["labels"])) == [0, 1, 2, 3]
-        assert points["classes"] == ["t0", "t1", "t2", "t3"]
+        assert points["classes"] == ["t0", "t1", "t2", "t3"] and len(points["paths"]) == 20
+        plots = f"{reports}/plots/tsne.png"
+        views = {
+            "subset": {"classes": ["t1", "t2"]},
+            "thumbnails": {"thumbnails": "true"},
+            "both": {"classes": ["t3"], "thumbnails": "true"},
+        }
+        drawn = {tsne.content}
+        for view, params in views.items():
+            response = client.get(plots, params={"dataset_id": dataset["id"], **params})
+            assert response.status_code == 200 and response.content.startswith(PNG), view
+            drawn.add(response.content)
+        assert len(drawn) == 4  # each view draws another picture
+        unknown_class = client.get(plots, params={"dataset_id": dataset["id"], "classes": "zz"})
+        assert unknown_class.status_code == 422 and "no class 'zz'" in unknown_class.text
+        too_many = client.get(
+            plots, params={"dataset_id": dataset["id"], "classes": [f"c{i}" for i in range(21)]}
+        )
+        assert too_many.status_code == 422
         cache.write_text(json.dumps({**points, "classes": ["w", "x", "y", "z"]}))
         again = client.get(f"{reports}/plots/tsne.png", params={"dataset_id": dataset["id"]})
         assert again.status_code == 200 and again.content != tsne.content  # drawn from the cache
+
+        # Two models side by side on the same split: the first by its training's metrics, the
+        # second by an evaluate job on the dataset; none yet for the second, then one.
+        other = client.post("/api/v1/models", data={"name": "other", "path": "tiny"}).json()
+        compare = "/api/v1/reports/compare"
+        both = {"models": [model["id"], other["id"]], "dataset_id": dataset["id"]}
+        side = client.get(compare, params=both).json()
+        assert [m["source"] for m in side["models"]] == ["test (training)", None]
+        assert side["models"][0]["metrics"] == TEST and side["split"] == "test"
+        assert client.get(f"{compare}.png", params=both).content.startswith(PNG)
+        with client.app.state.session_factory() as session:
+            evaluation = Job(
+                type="evaluate",
+                state="succeeded",
+                queue="gpu",
+                params={"model_id": other["id"], "dataset_id": dataset["id"], "split": "test"},
+                result={"metrics": {"recall@1": 0.6, "recall@2": 0.7}},
+            )
+            session.add(evaluation)
+            session.commit()
+            evaluation_id = evaluation.id
+        side = client.get(compare, params=both).json()
+        assert side["models"][1]["source"] == f"test (evaluation job {evaluation_id})"
+        assert side["models"][1]["metrics"] == {"recall@1": 0.6, "recall@2": 0.7}
+        assert client.get(f"{compare}.png", params=both).content.startswith(PNG)
+        nothing = client.get(
+            f"{compare}.png", params={**both, "split": "val", "models": [other["id"]] * 2}
+        )
+        assert nothing.status_code == 404 and "evaluate them" in nothing.json()["detail"]
+        for bad in ({"models": [model["id"]]}, {"models": [model["id"], 2**40]}, {"split": "x"}):
+            assert client.get(compare, params={**both, **bad}).status_code == 422, bad
+        assert client.get(compare, params={**both, "models": [model["id"], 999]}).status_code == 404
 
         assert client.get("/api/v1/reports/models/999").status_code == 404
         unknown = client.get(reports, params={"dataset_id": 999})

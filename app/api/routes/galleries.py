@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response, status
 
 from app.api.deps import ReadAccess, RuntimeDep, SessionDep, WriteAccess
@@ -9,6 +11,14 @@ from app.api.schemas import GalleryCreate, GalleryOut, GalleryUpdate, Id
 from app.services import galleries as service
 
 router = APIRouter(prefix="/galleries", tags=["galleries"])
+index_types_router = APIRouter(tags=["galleries"])
+
+
+@index_types_router.get("/index-types", dependencies=[ReadAccess])
+def index_types() -> list[dict[str, Any]]:
+    """The index types and the parameters each reads (PATCH /galleries/{id} sets them): the
+    accepted range, the default and what it trades."""
+    return service.index_types()
 
 
 @router.post(

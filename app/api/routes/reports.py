@@ -43,9 +43,47 @@ def model_report_plot(
     settings: SettingsDep,
     dataset_id: DatasetId = None,
     split: Annotated[Literal["test", "train"], Query(description="t-SNE only.")] = "test",
+    classes: Annotated[
+        list[str] | None,
+        Query(
+            max_length=service.TSNE_MAX_COLOURED,
+            description="t-SNE only: the classes to colour (others are grey); default: all, "
+            "or the 10 most frequent when there are more than 20.",
+        ),
+    ] = None,
+    thumbnails: Annotated[
+        bool, Query(description="t-SNE only: draw a sample of the images at their points.")
+    ] = False,
 ) -> Response:
     """One plot: `recall`, `training`, `memorisation` or `tsne` (the split's embeddings by the
     model mapped to 2-D, coloured by class; computed on first request, then cached)."""
     report = service.build_report(session, model_id, dataset_id)
-    png = service.plot(settings, session, report, name, split)
+    view = service.TsneView(classes=classes or None, thumbnails=thumbnails)
+    png = service.plot(settings, session, report, name, split, view)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+ModelIds = Annotated[list[int], Query(min_length=2, max_length=6, description="2 to 6 model ids.")]
+CompareDataset = Annotated[int, Query(ge=1, le=MAX_INT, description="The dataset.")]
+Split = Annotated[Literal["test", "train", "val"], Query()]
+
+
+@router.get("/compare")
+def compare_models(
+    session: SessionDep, models: ModelIds, dataset_id: CompareDataset, split: Split = "test"
+) -> dict[str, Any]:
+    """Models side by side on one split of one dataset: each one's latest evaluate job there,
+    else its training's metrics when it was trained on this dataset (`source` null: neither;
+    run an evaluate job)."""
+    return service.compare_models(session, models, dataset_id, split).as_dict()
+
+
+@router.get(
+    "/compare.png", response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
+def compare_plot(
+    session: SessionDep, models: ModelIds, dataset_id: CompareDataset, split: Split = "test"
+) -> Response:
+    """The models' Recall@K curves on one plot."""
+    png = service.compare_png(service.compare_models(session, models, dataset_id, split))
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
