@@ -87,7 +87,7 @@ def test_export_pretrained_records_the_weights_and_checks_the_input_size(tmp_pat
     assert card.method == {"name": "pretrained", "params": {"weights": "file:vit.safetensors"}}
     embedder = load_embedder(tmp_path / "model")  # rebuilt offline from the artifact alone
     assert embedder.embed([draw_sample(0, 0)]).shape == (1, card.embedding_dim)
-    with pytest.raises(BackboneError, match="cannot embed 100x100.*native size is 160"):
+    with pytest.raises(BackboneError, match=r"cannot embed 100x100.*native size is 160"):
         export_pretrained(tmp_path / "small", "test_vit", weights="none", image_size=100)
     assert not (tmp_path / "small").exists()
 

@@ -268,7 +268,7 @@ def test_cluster_job_stores_a_clustering_the_api_pages_and_deletes(server) -> No
                 )
         client.create_gallery("one-image", model_id=model_id)
         client.upload("one-image", [png(1, 1)])
-        with pytest.raises(InvalidRequest, match="clustering needs 2"):
+        with pytest.raises(InvalidRequest, match="has 1 image; clustering needs at least 2"):
             client.cluster("one-image")
         client.delete_clustering(chosen["id"])
         with pytest.raises(NotFound, match="clustering"):

@@ -57,7 +57,7 @@ def test_impossible_requests_are_refused(monkeypatch):
     with pytest.raises(Invalid, match="k must be between 1 and the number of images"):
         cluster_vectors(vectors[:10], k=11)
     monkeypatch.setattr(clusters, "AGGLOMERATIVE_MAX_IMAGES", 100)
-    with pytest.raises(Invalid, match="limited to 100 images.*use kmeans"):
+    with pytest.raises(Invalid, match=r"limited to 100 images.*use kmeans"):
         cluster_vectors(vectors, "agglomerative")
     assert candidate_ks(2, 2) == [2] and candidate_ks(2, 1000)[-1] == 1000
     assert len(candidate_ks(2, 1000)) == 12

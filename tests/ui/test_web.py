@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 
 from app.core.config import Settings
 from app.local import serve_processes
-from app.services.jobs.base import GPU_QUEUE
+from app.services.jobs.base import CPU_QUEUE, GPU_QUEUE
 from tests.app.conftest import TINY_TRAINING, png, worker_settings
 from tests.conftest import free_port
 
@@ -66,7 +68,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Set
     with serve_processes(
         settings, port=port, workers=False, worker_log_dir=root / "logs"
     ) as running:
-        running.start_worker(GPU_QUEUE)  # train jobs only: one worker starts faster than two
+        running.start_worker(GPU_QUEUE)  # train and evaluate jobs
+        running.start_worker(CPU_QUEUE)  # import, index and cluster jobs
         headers = {"X-API-Key": API_KEY}
         response = httpx.post(
             f"{running.url}/api/v1/models",
@@ -93,6 +96,19 @@ def artifacts() -> Path:
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     return ARTIFACTS
+
+
+def wait_job(url: str, job_id: int, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(
+            f"{url}/api/v1/jobs/{job_id}", headers={"X-API-Key": API_KEY}, timeout=60
+        ).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            assert job["state"] == "succeeded", job
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end in {timeout_s} s")
 
 
 def shot(page: Page, name: str) -> None:
@@ -313,9 +329,118 @@ def test_the_web_interface_end_to_end(service, browser, tmp_path):
     page.once("dialog", lambda d: d.accept())
     largest.locator("li.card").first.locator("button", has_text="Keep only this").click()
     expect(page.locator("#gallery-count")).to_have_text(str(9 - (members - 1)))
+    count = 9 - (members - 1)
+
+    # ------------------------------------------------------------ import an archive, a folder
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        for sample in range(2):
+            packed.writestr(f"class-3/{sample}.png", png(3, sample))
+    page.locator("#import-archive").set_input_files(str(archive))
+    page.get_by_role("button", name="Upload and import").click()
+    expect(page.locator("#import-result")).to_contain_text("2 added", timeout=60_000)
+    count += 2
+    expect(page.locator("#gallery-count")).to_have_text(str(count))
+    page.locator("#import-folder").fill("tiny/test")
+    page.get_by_role("button", name="Import folder").click()
+    expect(page.locator("#import-result")).to_contain_text("20 added", timeout=60_000)
+    count += 20
+    expect(page.locator("#gallery-count")).to_have_text(str(count))
+    page.locator("#import-folder").fill("../outside")
+    page.get_by_role("button", name="Import folder").click()
+    expect(page.locator("#import-status .error")).to_contain_text("dataset root")
+    shot(page, "17-import")
+
+    # ------------------------------------------------------------ clusters of the gallery
+    page.locator("#cluster-k-max").fill("4")
+    page.get_by_role("button", name="Find clusters").click()
+    expect(page.locator("#cluster-status [data-state]")).to_have_attribute(
+        "data-state", "succeeded", timeout=60_000
+    )
+    expect(page.locator("#clusters-summary")).to_contain_text("clusters of")
+    rows = page.locator("#clusters .cluster-row")
+    assert 2 <= rows.count() <= 4
+    for row in rows.all():  # a row shows its cluster's most typical pictures, 8 at most
+        assert 1 <= row.locator(".mini-thumb").count() <= 8
+    shot(page, "16-clusters")
+
+    # ------------------------------------------------------------ index settings, re-index
+    page.locator("#index-type").select_option("hnsw")
+    ef_search = page.locator("#index-param-ef_search")
+    assert ef_search.get_attribute("max") == "4096"  # the server's range (GET /index-types)
+    ef_search.fill("5000")
+    assert not page.locator("#index-settings-form").evaluate("form => form.checkValidity()")
+    ef_search.fill("128")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#index-settings-result")).to_contain_text("hnsw")
+    expect(page.locator("#gallery-index")).to_contain_text("hnsw, version 2")
+    model_ids = {
+        m["name"]: str(m["id"])
+        for m in httpx.get(f"{url}/api/v1/models", headers={"X-API-Key": API_KEY}).json()
+    }
+    page.locator("#reindex-model").select_option(model_ids["tiny-margin"])
+    page.get_by_role("button", name="Re-index").click()
+    expect(page.locator("#reindex-status [data-state]")).to_have_attribute(
+        "data-state", "succeeded", timeout=60_000
+    )
+    expect(page.locator("#gallery-model-link")).to_have_text("tiny-margin")
+    expect(page.locator("#gallery-index")).to_contain_text("version 3")
+    shot(page, "18-index-settings")
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Delete gallery").click()
     expect(page.get_by_text("No gallery yet")).to_be_visible()
+
+    # ------------------------------------------------------------ compare two models
+    page.goto("/ui/#/models")
+    page.locator("#compare-link").click()
+    page.locator("#compare-a").select_option(model_ids["tiny"])
+    page.locator("#compare-b").select_option(model_ids["tiny-margin"])
+    page.get_by_role("button", name="Compare").click()
+    expect(page.locator("#compare-sources")).to_contain_text("test (training)")
+    page.locator("#compare-sources button").click()  # `tiny` was never measured on it
+    expect(page.locator("#toasts")).to_contain_text("Evaluation job")
+    jobs = httpx.get(
+        f"{url}/api/v1/jobs", params={"type": "evaluate"}, headers={"X-API-Key": API_KEY}
+    ).json()["items"]
+    wait_job(url, jobs[0]["id"])
+    page.reload()
+    expect(page.locator("#compare-sources")).to_contain_text("evaluation job")
+    expect(page.locator("#compare-plot")).to_have_attribute("data-loaded", "true", timeout=30_000)
+    expect(page.locator("td.better").first).to_be_visible()
+    shot(page, "19-compare")
+
+    # ------------------------------------------------------------ a pretrained timm model
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(weights))
+    page.goto("/ui/#/models")
+    page.locator("#pretrained-name").fill("vit")
+    page.locator("#pretrained-backbone").fill("test_vit")
+    page.locator("#pretrained-weights").set_input_files(str(weights))
+    page.locator("#pretrained-size").fill("96")
+    page.get_by_role("button", name="Add model").click()
+    expect(page.get_by_role("heading", name="vit", level=1)).to_be_visible(timeout=60_000)
+    expect(page.locator("dl.facts")).to_contain_text("file:vit.safetensors (SHA-256")
+    page.goto("/ui/#/models")
+    page.locator("#pretrained-name").fill("nothing")
+    page.locator("#pretrained-backbone").fill("no_such_backbone")
+    page.get_by_role("button", name="Add model").click()
+    expect(page.locator("#pretrained-form .error")).to_contain_text("unknown backbone")
+
+    # ------------------------------------------------------------ t-SNE views
+    page.goto(report_url)
+    expect(page.locator("#plot-tsne")).to_have_attribute("data-loaded", "true", timeout=60_000)
+    page.locator("#tsne-classes").fill("t1, t2")
+    page.locator("#tsne-thumbnails").check()
+    page.get_by_role("button", name="Redraw").click()
+    expect(page.locator("#plot-tsne")).to_have_attribute("data-loaded", "true", timeout=60_000)
+    shot(page, "20-tsne-thumbnails")
+    page.locator("#tsne-classes").fill("nope")
+    page.get_by_role("button", name="Redraw").click()
+    expect(page.locator("#plot-tsne")).to_have_attribute("data-loaded", "error")
+    expect(page.locator("#plot-tsne .error")).to_contain_text("no class 'nope'")
 
     assert not console_errors, console_errors
     context.close()

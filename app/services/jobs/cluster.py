@@ -48,7 +48,10 @@ def validate(session: Session, settings: Settings, params: ClusterParams) -> Non
     must_exist(get_gallery, session, params.gallery_id)
     count = session.scalar(select(func.count()).where(Image.gallery_id == params.gallery_id)) or 0
     if count < 2:
-        raise Invalid(f"gallery {params.gallery_id} has {count} images; clustering needs 2")
+        raise Invalid(
+            f"gallery {params.gallery_id} has {count} image{'' if count == 1 else 's'}; "
+            "clustering needs at least 2"
+        )
     if params.method == "agglomerative" and count > AGGLOMERATIVE_MAX_IMAGES:
         raise Invalid(
             f"agglomerative clustering is limited to {AGGLOMERATIVE_MAX_IMAGES} images (gallery "

@@ -34,6 +34,10 @@ export function onKeyNeeded(prompt) {
 /** The API's `detail` (or the body's text) of a failed response, as one sentence. */
 export async function detailOf(response) {
   const text = await response.text().catch(() => "");
+  return detailText(text, response.status, response.statusText);
+}
+
+function detailText(text, status, statusText) {
   try {
     const body = JSON.parse(text);
     const detail = body.detail;
@@ -44,7 +48,7 @@ export async function detailOf(response) {
   } catch {
     // not JSON
   }
-  return text.trim() || `${response.status} ${response.statusText}`;
+  return text.trim() || `${status} ${statusText}`;
 }
 
 function urlOf(path, query) {
@@ -90,6 +94,37 @@ export async function request(path, options = {}) {
   if (response.status === 204) return null;
   const type = response.headers.get("content-type") || "";
   return type.includes("json") ? response.json() : response.text();
+}
+
+/**
+ * POST a FormData with upload progress (fetch reports none): `onProgress(sentBytes, total)`.
+ * Resolves to the parsed JSON answer; rejects with ApiError carrying the API's detail. A
+ * 401/403 asks for the API key once and sends again.
+ */
+export function uploadWithProgress(path, form, onProgress, retried = false) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", urlOf(path));
+    const key = getKey();
+    if (key) xhr.setRequestHeader("X-API-Key", key);
+    xhr.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable && onProgress) onProgress(event.loaded, event.total);
+    });
+    xhr.addEventListener("error", () => reject(new ApiError(0, "the server cannot be reached")));
+    xhr.addEventListener("load", async () => {
+      const detail = detailText(xhr.responseText, xhr.status, xhr.statusText);
+      if ((xhr.status === 401 || xhr.status === 403) && askForKey && !retried) {
+        const entered = await askForKey(detail);
+        if (entered) {
+          uploadWithProgress(path, form, onProgress, true).then(resolve, reject);
+          return;
+        }
+      }
+      if (xhr.status >= 200 && xhr.status < 300) resolve(JSON.parse(xhr.responseText));
+      else reject(new ApiError(xhr.status, detail));
+    });
+    xhr.send(form);
+  });
 }
 
 export const get = (path, query) => request(path, { query });

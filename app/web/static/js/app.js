@@ -2,6 +2,7 @@
 // the API-key dialog, navigation state.
 
 import { getKey, onKeyNeeded, setKey } from "./api.js";
+import { comparePage } from "./pages/compare.js";
 import { galleriesPage, galleryPage } from "./pages/galleries.js";
 import { jobPage, jobsPage } from "./pages/jobs.js";
 import { modelPage, modelsPage } from "./pages/models.js";
@@ -18,6 +19,7 @@ const ROUTES = [
   [/^\/jobs$/, "jobs", jobsPage],
   [/^\/jobs\/(\d+)$/, "jobs", jobPage],
   [/^\/reports$/, "reports", reportPage],
+  [/^\/compare$/, "models", comparePage],
 ];
 
 const main = document.getElementById("main");

@@ -3,6 +3,7 @@
 
 import { API, get, loadImage, post, request, thumbnailUrl } from "../api.js";
 import { definitionList, dropZone, empty, errorBox, field, fmt, h, select, table, toast, when } from "../ui.js";
+import { clustersPanel, importPanel, indexPanels } from "./gallery-tools.js";
 
 const PAGE_SIZE = 24;
 const FILES_PER_REQUEST = 20;
@@ -66,9 +67,12 @@ export async function galleriesPage(main, { navigate }) {
   main.append(form);
 }
 
-export async function galleryPage(main, galleryId, { query, navigate }) {
+export async function galleryPage(main, galleryId, { query, navigate, setCleanup }) {
   const gallery = await get(`/galleries/${galleryId}`);
-  const model = await get(`/models/${gallery.model_id}`).catch(() => null);
+  const models = await get("/models").catch(() => []);
+  const modelName = (id) => models.find((m) => m.id === id)?.name || `model ${id}`;
+  const stops = [];
+  setCleanup(() => stops.forEach((stop) => stop()));
   main.append(
     h("p", { class: "crumbs" }, h("a", { href: "#/galleries" }, "Galleries"), " / "),
     h("h1", {}, gallery.name),
@@ -79,9 +83,9 @@ export async function galleryPage(main, galleryId, { query, navigate }) {
       definitionList([
         ["Images", h("span", { id: "gallery-count" }, fmt(g.image_count))],
         ["Labelled", fmt(g.labelled_count)],
-        ["Model", h("a", { href: `#/models/${g.model_id}` }, model ? model.name : `model ${g.model_id}`)],
-        ["Index", `${g.index_type}, version ${g.index_version}, ${fmt(g.index_size)} vectors`],
-        g.suggested_index_type ? ["Suggestion", `switch to ${g.suggested_index_type} (PATCH the gallery)`] : null,
+        ["Model", h("a", { href: `#/models/${g.model_id}`, id: "gallery-model-link" }, modelName(g.model_id))],
+        ["Index", h("span", { id: "gallery-index" }, `${g.index_type}, version ${g.index_version}, ${fmt(g.index_size)} vectors`)],
+        g.suggested_index_type ? ["Suggestion", `switch to ${g.suggested_index_type} (Model and index, below)`] : null,
         ["Created", when(g.created_at)],
       ]),
     );
@@ -249,6 +253,21 @@ export async function galleryPage(main, galleryId, { query, navigate }) {
   });
   main.append(
     h("section", { class: "panel", "aria-labelledby": "duplicates-title" }, h("h2", { id: "duplicates-title" }, "Near duplicates"), h("p", { class: "hint" }, "Re-encoded, resized or lightly edited copies, found with the gallery's index. Keep one picture of a group and the others are deleted."), findForm, groups),
+  );
+
+  const refresh = async () => {
+    const fresh = await get(`/galleries/${galleryId}`).catch(() => null);
+    if (fresh) {
+      Object.assign(gallery, fresh);
+      renderFacts(fresh);
+    }
+    showPage(0);
+  };
+  const follow = (stop) => stops.push(stop);
+  main.append(
+    await clustersPanel(gallery.id, { follow }),
+    importPanel(gallery.id, { refresh, follow }),
+    await indexPanels(gallery, models, { refresh, follow }),
   );
 
   async function showDuplicates() {

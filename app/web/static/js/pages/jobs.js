@@ -29,6 +29,7 @@ function paramsSummary(job) {
   if (job.type === "index") return `gallery ${p.gallery_id} → model ${p.model_id}`;
   if (job.type === "import") return `gallery ${p.gallery_id}${p.folder ? ` from ${p.folder}` : " from an archive"}`;
   if (job.type === "dataset") return `dataset ${p.dataset_id}`;
+  if (job.type === "cluster") return `gallery ${p.gallery_id}, ${p.method || "kmeans"}, k ${p.k || `by silhouette up to ${p.k_max || 50}`}`;
   return "";
 }
 
@@ -50,6 +51,36 @@ function poller(tick) {
     stopped = true;
     clearTimeout(timer);
   };
+}
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+/**
+ * A live line for one job (state, progress, link to its page) in `container`, polled every
+ * second until it ends; then `onEnd(job)`. Returns the stop function (for a page's cleanup).
+ */
+export function followJob(jobId, container, onEnd) {
+  let ended = false;
+  return poller(async () => {
+    if (ended) return false;
+    const job = await get(`/jobs/${jobId}`);
+    container.replaceChildren(
+      h(
+        "div",
+        { class: "line job-line", dataset: { jobId, state: job.state } },
+        h("a", { href: `#/jobs/${job.id}` }, `${job.type} job ${job.id}`),
+        badge(job.state),
+        progressBar(job.progress, `job ${job.id} progress`),
+        h("span", { class: "hint" }, job.error || detailOfJob(job)),
+      ),
+    );
+    if (TERMINAL.has(job.state)) {
+      ended = true;
+      if (onEnd) onEnd(job);
+      return false;
+    }
+    return true;
+  });
 }
 
 async function cancelJob(job, after) {

@@ -11,7 +11,7 @@ const PLOTS = {
   recall: ["Recall@K", "Recall@K for each split and source of metrics."],
   training: ["Training curves", "Training loss and validation Recall@1 per epoch, from the train job's metrics."],
   memorisation: ["Train vs test Recall@1", "A large gap means the model memorised its training classes."],
-  tsne: ["t-SNE map of the test embeddings", "Each point is a test image, coloured by class: separated clusters mean classes separate."],
+  tsne: ["t-SNE map of the test embeddings", "Each point is a test image; close points are similar embeddings. With many classes the 10 most frequent are coloured: name others below, or draw thumbnails."],
 };
 
 const MISSING = {
@@ -146,10 +146,39 @@ export async function reportPage(main, { query, navigate }) {
   main.append(grid);
   const datasetQuery = dataset ? `?dataset_id=${dataset.id}` : "";
   for (const name of Object.keys(PLOTS)) {
-    if (report.plots.includes(name)) {
-      grid.append(await plotFigure(`${API}/reports/models/${report.model.id}/plots/${name}.png${datasetQuery}`, name));
+    const url = `${API}/reports/models/${report.model.id}/plots/${name}.png${datasetQuery}`;
+    if (name === "tsne" && report.plots.includes(name)) {
+      grid.append(await tsneFigure(url));
+    } else if (report.plots.includes(name)) {
+      grid.append(await plotFigure(url, name));
     } else {
       grid.append(h("figure", { class: "panel plot-figure missing", id: `plot-${name}` }, h("h3", {}, PLOTS[name][0]), empty(MISSING[name])));
     }
   }
+}
+
+/** The t-SNE map with its view controls: which classes are coloured, and thumbnails. */
+async function tsneFigure(url) {
+  const classes = h("input", { type: "text", id: "tsne-classes", autocomplete: "off", placeholder: "e.g. folder, user-home" });
+  const thumbnails = h("input", { type: "checkbox", id: "tsne-thumbnails" });
+  const holder = h("div", { id: "tsne-holder" });
+  const draw = async () => {
+    const params = new URLSearchParams(url.includes("?") ? url.split("?")[1] : "");
+    for (const name of classes.value.split(",").map((c) => c.trim()).filter(Boolean)) params.append("classes", name);
+    if (thumbnails.checked) params.set("thumbnails", "true");
+    holder.replaceChildren(await plotFigure(`${url.split("?")[0]}?${params}`, "tsne"));
+  };
+  const form = h(
+    "form",
+    { class: "row inline", id: "tsne-form" },
+    field("Colour these classes", classes, "Comma-separated class names, up to 20; the others are grey."),
+    h("label", { class: "check" }, thumbnails, " Thumbnails"),
+    h("button", { type: "submit", class: "secondary" }, "Redraw"),
+  );
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    draw();
+  });
+  await draw();
+  return h("div", { class: "tsne" }, holder, form);
 }
