@@ -213,3 +213,26 @@ def test_corrupt_or_missing_artifacts_raise_checkpoint_error(tmp_path):
     (directory / "card.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_embedder(directory)
+
+
+def test_a_dinov2_checkpoint_serves_at_224_px_from_its_518_px_weights(tmp_path):
+    """The docs' recommended starting point (DINOv2 ViT-S/14 through timm), from a local file as
+    the hub would give it: built for 224 px (position embeddings resampled by timm), the card
+    records that, and the artifact rebuilds offline with the same outputs."""
+    import timm
+    from safetensors.torch import save_file
+
+    from training.checkpoint import export_pretrained, read_card
+
+    name = "vit_small_patch14_dinov2.lvd142m"
+    torch.manual_seed(0)
+    path = tmp_path / "dinov2.safetensors"
+    save_file(timm.create_model(name).state_dict(), str(path))  # the 518 px checkpoint
+    model = export_pretrained(tmp_path / "model", name, weights=str(path), image_size=224)
+    card = read_card(tmp_path / "model")
+    assert card.architecture.backbone_options == {"img_size": 224}
+    assert card.embedding_dim == 384 and card.preprocessing.image_size == 224
+    assert card.backbone_weights["sha256"] == file_digest(path)
+    images = torch.randn(2, 3, 224, 224)
+    embedder = load_embedder(tmp_path / "model")
+    np.testing.assert_allclose(embedder.embed(images), model.embed(images).numpy(), atol=1e-5)

@@ -143,10 +143,10 @@ def export_pretrained(
     is run once at `image_size` before anything is written, so an architecture that cannot take
     that size fails here. Returns the model written."""
     from training.models.backbones import BackboneError
+    from training.models.embedding import build_for_size
 
-    model = EmbeddingModel(
-        ModelSpec(backbone=backbone, pooling=pooling, head="identity"), weights=weights
-    ).eval()
+    spec = ModelSpec(backbone=backbone, pooling=pooling, head="identity")
+    model = build_for_size(spec, weights, image_size).eval()
     info = model.backbone_info
     image_size = image_size or info.image_size
     try:

@@ -65,7 +65,12 @@ def _kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
             sample = vectors[rng.choice(len(vectors), KMEANS_SEEDING_SAMPLE, replace=False)]
         centres, _ = kmeans_plusplus(sample, k, random_state=seed + restart)
         kmeans = faiss.Kmeans(
-            vectors.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed + restart, spherical=True
+            vectors.shape[1],
+            k,
+            niter=KMEANS_ITERATIONS,
+            seed=seed + restart,
+            spherical=True,
+            min_points_per_centroid=1,  # few images per cluster is a gallery's right
         )
         kmeans.train(vectors, init_centroids=np.ascontiguousarray(centres, dtype=np.float32))
         scores, nearest = kmeans.index.search(vectors, 1)

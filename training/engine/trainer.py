@@ -60,7 +60,7 @@ from training.evaluation.metrics import evaluate_embeddings
 from training.fsutil import OutputPathError, check_output_dir
 from training.methods import Batch, Method, build_method
 from training.methods.base import TrainingContext
-from training.models.embedding import EmbeddingModel, ModelSpec
+from training.models.embedding import EmbeddingModel, ModelSpec, build_for_size
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class Trainer:
             head_options=self.method.head_options(),
             frozen_bn=cfg.frozen_bn,
         )
-        self.model = EmbeddingModel(spec, weights=cfg.weights)
+        self.model = build_for_size(spec, cfg.weights, cfg.image_size)
         info = self.model.backbone_info
         self.transform = TransformConfig(
             image_size=cfg.image_size,

@@ -180,26 +180,29 @@ def _build_lite(variant: int, weights: str) -> tuple[nn.Module, BackboneInfo]:
     return _TimmFeatures(model), info
 
 
-def _build_timm(name: str, weights: str) -> tuple[nn.Module, BackboneInfo]:
+def _build_timm(name: str, weights: str, options: dict[str, int]) -> tuple[nn.Module, BackboneInfo]:
     """Any timm architecture (`timm.list_models()`; a `.tag` picks its pretrained weights).
     `imagenet` takes the tag's weights from the Hugging Face hub (online only); a file goes
     through the same timm loader (`pretrained_cfg_overlay`), which adapts the checkpoint the
-    way it adapts the hub's, so an offline file and the hub give the same model."""
+    way it adapts the hub's, so an offline file and the hub give the same model. `options`
+    go to `timm.create_model` (`img_size`: a ViT built for another input size, its position
+    embeddings resampled from the checkpoint's)."""
     import timm
 
     source, sha256 = "none", None
+    kwargs: dict[str, Any] = dict(options)
     try:
         # The classifier is dropped only after loading: timm loads a checkpoint strictly only
         # when the model's classifier matches it, and a wrong file must fail here.
         if weights == "none":
-            model: Any = timm.create_model(name, pretrained=False)
+            model: Any = timm.create_model(name, pretrained=False, **kwargs)
         elif weights == "imagenet":
-            model = timm.create_model(name, pretrained=True)
+            model = timm.create_model(name, pretrained=True, **kwargs)
             source, sha256 = _hub_source(model)
         else:
             file = _weights_file(weights)
             model = timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}
+                name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs
             )
             source, sha256 = f"file:{file.name}", file_digest(file)
         model.reset_classifier(0)
@@ -330,15 +333,19 @@ ALIASES = {
 }
 
 
-def build_backbone(name: str, weights: str = "imagenet") -> tuple[nn.Module, BackboneInfo]:
+def build_backbone(
+    name: str, weights: str = "imagenet", options: dict[str, int] | None = None
+) -> tuple[nn.Module, BackboneInfo]:
     """A feature-map extractor and its description; `weights` is imagenet (for a timm model:
     its pretrained tag from the hub), none or a path. A name that is not built in is looked up
-    in timm."""
+    in timm, and `options` go to its constructor (built-ins take none)."""
     key = ALIASES.get(name, name)
     if key in BACKBONES:
+        if options:
+            raise BackboneError(f"the built-in backbone {name} takes no options ({options})")
         return BACKBONES[key](weights)
     if is_timm_model(name):
-        return _build_timm(name, weights)
+        return _build_timm(name, weights, options or {})
     known = ", ".join(sorted(BACKBONES))
     raise BackboneError(
         f"unknown backbone {name!r}; choose one of: {known}, or a timm model name "
@@ -350,3 +357,18 @@ def is_timm_model(name: str) -> bool:
     import timm
 
     return bool(timm.is_model(name))
+
+
+def is_builtin(name: str) -> bool:
+    return ALIASES.get(name, name) in BACKBONES
+
+
+def takes_image_size(backbone: nn.Module) -> bool:
+    """Whether a timm backbone is built for one input size (ViTs: `img_size`), so that another
+    size means building it for that size (`options={"img_size": N}`)."""
+    import inspect
+
+    model = getattr(backbone, "model", None)
+    if not isinstance(backbone, _TimmPooled) or model is None:
+        return False
+    return "img_size" in inspect.signature(type(model).__init__).parameters

@@ -28,6 +28,9 @@ class ModelSpec(BaseModel):
     head: str = "linear"
     embedding_dim: int = Field(128, ge=0)  # Wu et al. 2017 / DiVA per-head size
     head_options: dict[str, object] = Field(default_factory=dict)
+    # timm constructor options of a non-built-in backbone (`img_size` of a ViT built for
+    # another input size); empty for built-ins and in cards written before it existed.
+    backbone_options: dict[str, int] = Field(default_factory=dict)
     frozen_bn: bool = False  # DiVA's R50 runs freeze BatchNorm (resnet50_frozen_normalize)
 
 
@@ -38,7 +41,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         head = HEADS[spec.head]  # an unknown name is a ValueError listing the choices
         self.spec = spec
-        self.backbone, self.info = build_backbone(spec.backbone, weights)
+        self.backbone, self.info = build_backbone(spec.backbone, weights, spec.backbone_options)
         self.head: EmbeddingHead = head(
             self.info.feature_dim, spec.embedding_dim, **spec.head_options
         )
@@ -83,3 +86,17 @@ class EmbeddingModel(nn.Module):
             "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
             "head": [p for p in self.head.parameters() if p.requires_grad],
         }
+
+
+def build_for_size(spec: ModelSpec, weights: str, image_size: int | None) -> EmbeddingModel:
+    """The model of `spec`, built for `image_size` inputs when its backbone is made for one
+    size (a timm ViT at another size: `backbone_options["img_size"]`, the checkpoint's position
+    embeddings resampled by timm); other backbones take any size as they are."""
+    from training.models.backbones import takes_image_size
+
+    model = EmbeddingModel(spec, weights=weights)
+    native = model.backbone_info.image_size
+    if image_size and image_size != native and takes_image_size(model.backbone):
+        options = {**spec.backbone_options, "img_size": image_size}
+        model = EmbeddingModel(spec.model_copy(update={"backbone_options": options}), weights)
+    return model
