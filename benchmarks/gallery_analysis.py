@@ -7,7 +7,8 @@ on a large gallery.
 2. --size random unit vectors (128-d, uniform on the sphere, as the issue asks: no structure)
    plus --copies near copies of some of them (cosine about 0.97-0.99), written straight to a
    gallery's database rows (as benchmarks/index_backends.py does) with a flat FAISS index;
-   timed: GET /duplicates (threshold 0.95) through the API, and the cluster job's work
+   timed: GET /duplicates (threshold 0.95) through the API, on the flat index and again after
+   switching the gallery to HNSW (--index-types), and the cluster job's work
    (reading the stored vectors, k-means with k given, and with k chosen by silhouette).
 
     python benchmarks/gallery_analysis.py --icons data/icons --size 100000 --json runs/ga.json
@@ -80,7 +81,7 @@ def icons(data: Path, k_max: int) -> list[dict]:
     return rows
 
 
-def large(size: int, copies: int, k_max: int, root: Path) -> dict:
+def large(size: int, copies: int, k_max: int, root: Path, index_types: list[str]) -> dict:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(size, DIM)).astype(np.float32)
     originals = rng.choice(size - copies, copies, replace=False)
@@ -97,12 +98,19 @@ def large(size: int, copies: int, k_max: int, root: Path) -> dict:
     result: dict = {"size": size, "copies": copies, "load_average_start": os.getloadavg()[0]}
     with TestClient(create_app(settings)) as client:
         gallery_id, result["index_build_s"] = fill(client, size, vectors)
-        response, result["duplicates_s"] = timed(
-            lambda: client.get(
-                f"{API}/galleries/{gallery_id}/duplicates", params={"threshold": 0.95}
-            ).json()
-        )
-        result["duplicate_groups"] = response["total_groups"]
+        for index_type in index_types:
+            if index_type != "flat":
+                _, result[f"{index_type}_build_s"] = timed(
+                    lambda t=index_type: client.patch(
+                        f"{API}/galleries/{gallery_id}", json={"index_type": t}
+                    ).raise_for_status()
+                )
+            response, result[f"duplicates_{index_type}_s"] = timed(
+                lambda: client.get(
+                    f"{API}/galleries/{gallery_id}/duplicates", params={"threshold": 0.95}
+                ).json()
+            )
+            result[f"duplicate_groups_{index_type}"] = response["total_groups"]
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         with runtime.session_factory() as session:
             (ids, stored), result["read_vectors_s"] = timed(
@@ -126,6 +134,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--copies", type=int, default=1_000)
     parser.add_argument("--k-max", type=int, default=300)
+    parser.add_argument("--index-types", nargs="+", default=["flat", "hnsw"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     report: dict = {}
@@ -133,7 +142,7 @@ def main() -> None:
         report["icons"] = icons(args.icons, args.k_max)
     if args.size:
         with tempfile.TemporaryDirectory(prefix="gallery-analysis-") as tmp:
-            report["large"] = large(args.size, args.copies, args.k_max, Path(tmp))
+            report["large"] = large(args.size, args.copies, args.k_max, Path(tmp), args.index_types)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

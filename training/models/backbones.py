@@ -165,18 +165,8 @@ def _build_lite(variant: int, weights: str) -> tuple[nn.Module, BackboneInfo]:
         source, sha256 = f"package:{package}", file_digest(path)
     elif weights != "none":
         source, sha256 = _load_file_weights(model, weights)
-    cfg = model.pretrained_cfg  # mean = std = 0.5, bicubic: fits the TF-ported BN statistics
-    info = BackboneInfo(
-        f"efficientnet_lite{variant}",
-        model.num_features,
-        cfg["mean"],
-        cfg["std"],
-        cfg["interpolation"],
-        image_size=cfg["input_size"][-1],
-        crop_pct=cfg["crop_pct"],
-        weights_source=source,
-        weights_sha256=sha256,
-    )
+    # Its own preprocessing (mean = std = 0.5, bicubic: fits the TF-ported BN statistics)
+    info = _timm_info(f"efficientnet_lite{variant}", model, source, sha256)
     return _TimmFeatures(model), info
 
 
@@ -220,8 +210,16 @@ def _build_timm(name: str, weights: str, options: dict[str, int]) -> tuple[nn.Mo
             f"cannot load timm model {name!r} with weights {weights!r} "
             f"({type(error).__name__}: {reason}); {hint}"
         ) from error
+    info = _timm_info(name, model, source, sha256)
+    return _TimmPooled(model), info
+
+
+def _timm_info(name: str, model: Any, source: str, sha256: str | None) -> BackboneInfo:
+    """A timm model's description, with the preprocessing its weights were trained with."""
+    import timm
+
     cfg = timm.data.resolve_data_config({}, model=model)
-    info = BackboneInfo(
+    return BackboneInfo(
         name,
         getattr(model, "head_hidden_size", None) or model.num_features,
         tuple(cfg["mean"]),
@@ -232,7 +230,6 @@ def _build_timm(name: str, weights: str, options: dict[str, int]) -> tuple[nn.Mo
         weights_source=source,
         weights_sha256=sha256,
     )
-    return _TimmPooled(model), info
 
 
 def _hub_source(model: Any) -> tuple[str, str | None]:

@@ -146,4 +146,26 @@ export function loadImage(img, url) {
   return img;
 }
 
+/**
+ * Show a PNG the API renders (a plot) in `img`, fetched with the key; `status` (a "Rendering…"
+ * line) is removed once it shows, or replaced by the API's reason. Sets `marker.dataset.loaded`
+ * to "true" or "error" (the tests wait on it).
+ */
+export function showPng(url, img, status, marker, errorBox) {
+  const headers = getKey() ? { "X-API-Key": getKey() } : {};
+  fetch(url, { headers })
+    .then(async (response) => {
+      if (!response.ok) throw new Error(await detailOf(response));
+      img.src = URL.createObjectURL(await response.blob());
+      await img.decode();
+      img.hidden = false;
+      status.remove();
+      marker.dataset.loaded = "true";
+    })
+    .catch((error) => {
+      status.replaceWith(errorBox(error, "This plot could not be made"));
+      marker.dataset.loaded = "error";
+    });
+}
+
 export const thumbnailUrl = (imageId) => `${API}/images/${imageId}/thumbnail`;

@@ -2,25 +2,11 @@
 // model's latest evaluation there, or its own training's numbers when it trained on it) and
 // their Recall@K curves on one plot; a model not yet measured there can be evaluated from here.
 
-import { API, detailOf, get, getKey, post } from "../api.js";
+import { API, get, post, showPng } from "../api.js";
 import { empty, errorBox, field, h, metric, select, table, toast } from "../ui.js";
 
 const METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi", "f1"];
 const SPLITS = [["test", "test"], ["train", "train"], ["val", "validation (training's only)"]];
-
-function loadPng(url, img, status) {
-  const headers = getKey() ? { "X-API-Key": getKey() } : {};
-  fetch(url, { headers })
-    .then(async (response) => {
-      if (!response.ok) throw new Error(await detailOf(response));
-      img.src = URL.createObjectURL(await response.blob());
-      await img.decode();
-      img.hidden = false;
-      status.remove();
-      img.dataset.loaded = "true";
-    })
-    .catch((error) => status.replaceWith(errorBox(error, "No plot")));
-}
 
 export async function comparePage(main, { query, navigate }) {
   main.append(h("h1", {}, "Compare models"));
@@ -120,5 +106,5 @@ export async function comparePage(main, { query, navigate }) {
   const status = h("p", { class: "hint" }, "Rendering…");
   const plotQuery = new URLSearchParams([...chosen.map((id) => ["models", id]), ["dataset_id", dataset.value], ["split", split.value]]);
   main.append(h("figure", { class: "panel plot-figure" }, h("h3", {}, "Recall@K"), status, img));
-  loadPng(`${API}/reports/compare.png?${plotQuery}`, img, status);
+  showPng(`${API}/reports/compare.png?${plotQuery}`, img, status, img, errorBox);
 }

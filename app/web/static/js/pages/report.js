@@ -2,7 +2,7 @@
 // curves, train vs test Recall@1 and a t-SNE map of the test embeddings. The plots are PNGs
 // rendered by the server (GET /api/v1/reports/models/{id}/plots/{name}.png).
 
-import { API, detailOf, get, getKey, post } from "../api.js";
+import { API, get, post, showPng } from "../api.js";
 import { empty, errorBox, field, h, metric, select, table, toast } from "../ui.js";
 
 const METRICS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r", "r_precision"];
@@ -26,20 +26,7 @@ async function plotFigure(url, name) {
   const status = h("p", { class: "hint" }, name === "tsne" ? "Computing the map (embedding the test images, then t-SNE; only the first time)…" : "Rendering…");
   const img = h("img", { alt: `${title} plot`, class: "plot", hidden: true, dataset: { plot: name } });
   const figure = h("figure", { class: "panel plot-figure", id: `plot-${name}` }, h("h3", {}, title), status, img, h("figcaption", { class: "hint" }, caption));
-  const headers = getKey() ? { "X-API-Key": getKey() } : {};
-  fetch(url, { headers })
-    .then(async (response) => {
-      if (!response.ok) throw new Error(await detailOf(response));
-      img.src = URL.createObjectURL(await response.blob());
-      await img.decode();
-      img.hidden = false;
-      status.remove();
-      figure.dataset.loaded = "true";
-    })
-    .catch((error) => {
-      status.replaceWith(errorBox(error, "This plot could not be made"));
-      figure.dataset.loaded = "error";
-    });
+  showPng(url, img, status, figure, errorBox);
   return figure;
 }
 
