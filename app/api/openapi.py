@@ -89,6 +89,10 @@ def document_errors(schema: dict[str, Any], app: FastAPI, settings: Settings) ->
                 }
 
 
+# Query parameters that name a resource (GET /reports/compare?models=1&models=2&dataset_id=3).
+RESOURCE_QUERIES = {"models", "dataset_id"}
+
+
 def _error_codes(
     path: str, method: str, operation: dict[str, Any], level: str | None, needs_key: bool
 ) -> set[int]:
@@ -100,8 +104,13 @@ def _error_codes(
         return codes | ({503} if path == "/readyz" else set())
     codes |= {422, 503}
     body = operation.get("requestBody", {}).get("content", {})
-    if body or any(p.get("in") == "path" for p in operation.get("parameters", [])):
-        codes.add(404)  # the resource in the path, or one the body names, does not exist
+    parameters = operation.get("parameters", [])
+    names_a_resource = any(
+        p.get("in") == "path" or (p.get("in") == "query" and p["name"] in RESOURCE_QUERIES)
+        for p in parameters
+    )
+    if body or names_a_resource:
+        codes.add(404)  # the resource in the path, the query or the body does not exist
     if body:
         codes |= {400, 413}  # a body that does not parse; one over the size limits
     if "multipart/form-data" in body:

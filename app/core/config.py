@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.threads import ThreadPolicy
@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     seed_builtin_model: bool = Field(
         True,
         description="Build and register the pretrained EfficientNet-Lite0 model at start-up.",
+    )
+    extra_builtin_models: list[str] = Field(
+        default_factory=list,
+        description="More built-in backbones registered with it (efficientnet_lite1, "
+        "efficientnet_lite2; resnet18/50 need torch's cache), e.g. "
+        '["efficientnet_lite2"]; docs/models.md compares them.',
     )
     max_k: int = Field(1000, description="Largest k + offset a search may ask for.")
     orphan_grace_s: float = Field(
@@ -201,6 +207,16 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(
         2 * 1024**3, description="Largest archive accepted by an import job upload (413)."
     )
+
+    @field_validator("extra_builtin_models")
+    @classmethod
+    def _known_backbones(cls, names: list[str]) -> list[str]:
+        from training.models.backbones import is_builtin
+
+        unknown = [name for name in names if not is_builtin(name)]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a built-in backbone (docs/models.md)")
+        return names
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

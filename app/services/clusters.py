@@ -2,9 +2,9 @@
 
 k-means is FAISS's (spherical, on the unit-norm embeddings: cosine geometry, as search uses);
 agglomerative is scikit-learn's with Ward linkage (on unit vectors, by cosine), which builds a
-hierarchy instead of assuming round clusters but holds an n x n matrix, hence its size limit. When k is not
-given it is the candidate with the best mean silhouette (Rousseeuw 1987; scikit-learn's
-`silhouette_score`, cosine, on a sample), the usual way clip-retrieval-style tools pick it.
+hierarchy but holds an n x n matrix, hence its size limit. When k is not given it is the
+candidate with the best mean silhouette (Rousseeuw 1987; scikit-learn's `silhouette_score`,
+cosine, on a sample).
 A clustering is stored (`Clustering`, one `ClusterMember` per image) by the `cluster` job.
 """
 

@@ -182,22 +182,34 @@ def _register_staged(
 
 def builtin_model(session: Session) -> Model | None:
     """The built-in pretrained model, if the server registered one (see `ensure_builtin`)."""
-    return session.scalar(select(Model).where(Model.builtin).order_by(Model.id))
+    return session.scalar(select(Model).where(Model.name == BUILTIN_MODEL))
 
 
 def ensure_builtin(session: Session, settings: Settings) -> Model:
     """The pretrained EfficientNet-Lite0 features (training's `lookalike pretrained`), built
-    and registered on first start so a fresh install can search at once."""
-    model = session.scalar(select(Model).where(Model.name == BUILTIN_MODEL))
+    and registered on first start so a fresh install can search at once, and the backbones of
+    Settings.extra_builtin_models beside it (`pretrained-<backbone>`). Returns Lite0's."""
+    from training.models.backbones import ALIASES
+
+    default = _ensure_pretrained(session, settings, BUILTIN_MODEL, "efficientnet_lite0")
+    for backbone in settings.extra_builtin_models:
+        name = f"pretrained-{ALIASES.get(backbone, backbone).replace('_', '-')}"
+        if name != BUILTIN_MODEL:
+            _ensure_pretrained(session, settings, name, backbone)
+    return default
+
+
+def _ensure_pretrained(session: Session, settings: Settings, name: str, backbone: str) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
     if model is not None:
         return model
     from training.checkpoint import export_pretrained
 
     staging = settings.models_dir / f".staging-{uuid.uuid4().hex}"
     try:
-        logger.info("building the built-in model %s", BUILTIN_MODEL)
-        export_pretrained(staging)
-        return _register_staged(session, settings, staging, BUILTIN_MODEL, builtin=True)
+        logger.info("building the built-in model %s", name)
+        export_pretrained(staging, backbone)
+        return _register_staged(session, settings, staging, name, builtin=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.core.config import Settings
+from app.main import create_app
 from tests.app.conftest import png, write_tiny_artifact
 from training import export
 from training.evaluation.cluster_classifier import ClusterClassifier
@@ -375,3 +377,26 @@ def test_index_types_list_each_types_parameters_with_the_ranges_patch_enforces(
         json={"index_type": "hnsw", "index_params": {"ef_search": hnsw["ef_search"]["max"]}},
     )
     assert accepted.status_code == 200 and accepted.json()["index_params"]["ef_search"] == 4096
+
+
+def test_extra_built_in_models_are_registered_beside_lite0(tmp_path: Path, model_root: Path):
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_root=model_root,
+        auto_api_key=False,
+        embed_backend="torch",  # no ONNX export: this test is about the models' registration
+        extra_builtin_models=["lite1"],
+    )
+    with TestClient(create_app(settings)) as client:
+        models = {m["name"]: m for m in client.get(f"{API}/models").json()}
+        assert set(models) == {"pretrained-efficientnet-lite0", "pretrained-efficientnet-lite1"}
+        assert all(m["builtin"] for m in models.values())
+        lite1 = client.get(f"{API}/models/{models['pretrained-efficientnet-lite1']['id']}").json()
+        assert lite1["card"]["preprocessing"]["image_size"] == 240
+        assert lite1["card"]["backbone_weights"]["source"].startswith("package:efficientnet-lite1")
+        default = client.post(f"{API}/galleries", json={"name": "g"}).json()  # no model named
+        assert default["model_id"] == models["pretrained-efficientnet-lite0"]["id"]
+        refused = client.delete(f"{API}/models/{lite1['id']}")
+        assert refused.status_code == 409 and "built-in" in refused.json()["detail"]
+    with pytest.raises(ValueError, match="'vgg' is not a built-in backbone"):
+        Settings(extra_builtin_models=["vgg"])

@@ -40,7 +40,7 @@ def test_every_kind_has_a_worker_task_routed_to_its_queue() -> None:
 
 def test_the_api_filter_and_submission_follow_the_registry() -> None:
     assert [member.value for member in registry.JobType] == list(registry.KINDS)
-    with pytest.raises(Invalid, match=r"choose one of train, evaluate, index, import$"):
+    with pytest.raises(Invalid, match=r"choose one of train, evaluate, index, import, cluster$"):
         registry.submittable_kind("dataset")  # built by POST /datasets only
     assert registry.submittable_kind("index") is registry.KINDS["index"]
 
