@@ -213,6 +213,26 @@ def test_pretrained_export_is_a_loadable_1280d_model(tiny_dataset, tmp_path):
     assert metrics["recall@8"] >= metrics["recall@1"] > 0
 
 
+def test_pretrained_takes_any_timm_backbone_and_a_weights_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(weights))
+    result = invoke("pretrained", tmp_path / "vit", "--backbone", "test_vit", "--weights", weights)
+    assert result.exit_code == 0, result.output
+    assert "160 px" in result.output and "file:vit.safetensors" in result.output
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    for args, reason in [
+        (("--backbone", "test_vit", "--weights", tmp_path / "junk.pth"), "cannot load timm model"),
+        (("--backbone", "no_such_net"), "unknown backbone"),
+        (("--backbone", "test_vit", "--weights", "none", "--image-size", 100), "cannot embed"),
+    ]:
+        failed = invoke("pretrained", tmp_path / "out", *args)
+        assert failed.exit_code == 2 and reason in failed.output, (args, failed.output)
+        assert "Traceback" not in failed.output and not (tmp_path / "out").exists()
+
+
 def _lookalike(*args: str) -> list[str]:
     return [sys.executable, "-m", "training.cli", *[str(a) for a in args]]
 
