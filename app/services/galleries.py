@@ -70,13 +70,15 @@ INDEX_PARAM_HELP: dict[str, tuple[str, str]] = {
         "32 (HNSW); chosen from the size (IVF-PQ)",
         "HNSW: links per node; IVF-PQ: sub-quantizers",
     ),
-    "ef_search": ("64", "HNSW: candidates explored per search (recall vs speed)"),
-    "ef_construction": ("40", "HNSW: candidates explored per insertion (build time vs quality)"),
-    "nlist": ("chosen from the size", "IVF-PQ: coarse clusters"),
-    "nprobe": ("nlist / 4, 1 to 256", "IVF-PQ: clusters visited per search"),
-    "refine_factor": ("16", "IVF-PQ: candidates re-scored exactly per wanted hit (1: none)"),
+    "ef_search": ("64", "candidates explored per search (recall vs speed)"),
+    "ef_construction": ("40", "candidates explored per insertion (build time vs quality)"),
+    "nlist": ("chosen from the size", "coarse clusters"),
+    "nprobe": ("nlist / 4, 1 to 256", "clusters visited per search"),
+    "refine_factor": ("16", "candidates re-scored exactly per wanted hit (1: none)"),
     "compact_fraction": ("0.2", "share of deleted entries that triggers a rebuild"),
 }
+# `m` means another thing for IVF-PQ.
+IVFPQ_M_HELP = ("chosen from the size", "sub-quantizers (must divide the dimension)")
 INDEX_TYPE_PARAMS: dict[IndexType, tuple[str, ...]] = {
     IndexType.flat: ("compact_fraction",),
     IndexType.hnsw: ("m", "ef_search", "ef_construction", "compact_fraction"),
@@ -95,11 +97,14 @@ def index_types() -> list[dict[str, Any]]:
                     "min": INDEX_PARAM_RANGES[key][0],
                     "max": INDEX_PARAM_RANGES[key][1],
                     "integer": key != "compact_fraction",
-                    "default": INDEX_PARAM_HELP[key][0],
-                    "description": INDEX_PARAM_HELP[key][1],
+                    "default": meaning[0],
+                    "description": meaning[1],
                     "expected": _expected(key),
                 }
                 for key in keys
+                for meaning in [
+                    IVFPQ_M_HELP if (kind, key) == (IndexType.ivfpq, "m") else INDEX_PARAM_HELP[key]
+                ]
             ],
         }
         for kind, keys in INDEX_TYPE_PARAMS.items()
