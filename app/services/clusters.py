@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Clustering, ClusterMember, Gallery, Image
 from app.services.errors import Invalid, NotFound
-from app.services.indexes import stored_vectors
+from app.services.indexes import stored_ids, stored_vectors
 
 ClusterMethod = Literal["kmeans", "agglomerative"]
 AGGLOMERATIVE_MAX_IMAGES = 20_000  # its distance matrix: 20k^2 float32 = 1.6 GB
@@ -182,12 +182,7 @@ def _finish(
 
 def gallery_vectors(session: Session, gallery: Gallery) -> tuple[np.ndarray, np.ndarray]:
     """(image ids, their embeddings by the gallery's current model), by id."""
-    ids = np.array(
-        session.scalars(
-            select(Image.id).where(Image.gallery_id == gallery.id).order_by(Image.id)
-        ).all(),
-        dtype=np.int64,
-    )
+    ids = stored_ids(session, gallery.id, gallery.model_id)
     vectors = stored_vectors(session, gallery.model_id, ids, gallery.model.embedding_dim)
     present = np.linalg.norm(vectors, axis=1) > 0  # an image deleted meanwhile reads as zeros
     return ids[present], vectors[present]
@@ -293,7 +288,7 @@ def cluster_summaries(
                 size=sizes[cluster],
                 top_label=top[0][0] if top else None,
                 top_label_share=round(top[0][1] / labels.total(), 4) if top else None,
-                examples=cluster_images(session, clustering, cluster, 0, examples)[0],
+                examples=_typical_members(session, clustering, cluster, 0, examples),
             )
         )
     return summaries, len(sizes)
@@ -303,19 +298,32 @@ def cluster_images(
     session: Session, clustering: Clustering, cluster: int, offset: int, limit: int
 ) -> tuple[list[Image], int]:
     """A cluster's images, most typical (closest to its centre) first, and how many it has."""
-    where = (ClusterMember.clustering_id == clustering.id, ClusterMember.cluster == cluster)
-    total = session.scalar(select(func.count()).where(*where)) or 0
+    total = (
+        session.scalar(
+            select(func.count()).where(
+                ClusterMember.clustering_id == clustering.id, ClusterMember.cluster == cluster
+            )
+        )
+        or 0
+    )
     if total == 0 and not 0 <= cluster < clustering.k:
         raise NotFound(f"clustering {clustering.id} has clusters 0 to {clustering.k - 1}")
-    images = session.scalars(
-        select(Image)
-        .join(ClusterMember, ClusterMember.image_id == Image.id)
-        .where(*where)
-        .order_by(ClusterMember.centre_score.desc(), Image.id)
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return list(images), total
+    return _typical_members(session, clustering, cluster, offset, limit), total
+
+
+def _typical_members(
+    session: Session, clustering: Clustering, cluster: int, offset: int, limit: int
+) -> list[Image]:
+    return list(
+        session.scalars(
+            select(Image)
+            .join(ClusterMember, ClusterMember.image_id == Image.id)
+            .where(ClusterMember.clustering_id == clustering.id, ClusterMember.cluster == cluster)
+            .order_by(ClusterMember.centre_score.desc(), Image.id)
+            .offset(offset)
+            .limit(limit)
+        )
+    )
 
 
 def delete_clustering(session: Session, clustering_id: int) -> None:

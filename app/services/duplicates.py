@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,7 +14,7 @@ from app.db.models import Image
 from app.services.errors import Invalid
 from app.services.filters import SearchPage
 from app.services.galleries import get_gallery
-from app.services.indexes import stored_vectors
+from app.services.indexes import stored_ids, stored_vectors
 from app.services.runtime import Runtime
 
 # Neighbours read per image: a group larger than this still forms, through members it shares.
@@ -37,12 +36,7 @@ def near_duplicates(
     if not 0.0 < threshold <= 1.0:
         raise Invalid(f"threshold must be in (0, 1], got {threshold}")
     gallery = get_gallery(session, gallery_id)
-    ids = np.array(
-        session.scalars(
-            select(Image.id).where(Image.gallery_id == gallery_id).order_by(Image.id)
-        ).all(),
-        dtype=np.int64,
-    )
+    ids = stored_ids(session, gallery_id, gallery.model_id)
     parent: dict[int, int] = {}
 
     def root(image_id: int) -> int:

@@ -109,7 +109,7 @@ def sample_recall(
     """Recall@k of `search` against exact search, on up to `RECALL_SAMPLE` of the gallery's own
     stored vectors as queries (the exact neighbours are computed over every stored embedding,
     read in chunks); None for an empty gallery."""
-    ids = _stored_ids(session, gallery_id, model_id)
+    ids = stored_ids(session, gallery_id, model_id)
     if not len(ids):
         return None
     rng = np.random.default_rng(0)
@@ -136,7 +136,8 @@ def sample_recall(
     return round(recall_at(exact, search(queries, k), k), 4)
 
 
-def _stored_ids(session: Session, gallery_id: int, model_id: int) -> np.ndarray:
+def stored_ids(session: Session, gallery_id: int, model_id: int) -> np.ndarray:
+    """The ids (sorted) of the gallery's images that have an embedding by `model_id`."""
     return np.unique(
         np.asarray(
             session.scalars(

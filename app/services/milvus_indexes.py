@@ -47,9 +47,9 @@ from app.services.errors import Conflict, ServiceError
 from app.services.filters import Filters, SearchPage, metadata_matches
 from app.services.index_backend import Hits, IndexRows, Reconciled, cannot_build
 from app.services.indexes import (
-    _stored_ids,
     refined_search,
     sample_recall,
+    stored_ids,
     vectors_from_rows,
 )
 
@@ -448,7 +448,7 @@ class MilvusIndexManager:
             self._active.pop(gallery_id, None)
             name, _, _ = self._collection(gallery)
             with self._lock(gallery_id):
-                stored = _stored_ids(session, gallery_id, gallery.model_id)
+                stored = stored_ids(session, gallery_id, gallery.model_id)
                 present = self.store.ids(name, stored)
                 missing = np.setdiff1d(stored, present)
                 extra = np.setdiff1d(present, stored)
@@ -628,7 +628,7 @@ def _stored_rows(
     only: np.ndarray | None = None,
 ):
     """The stored rows (ids, vectors, labels, metadata) in chunks of `_CHUNK`, by id."""
-    ids = _stored_ids(session, gallery_id, model_id) if only is None else only
+    ids = stored_ids(session, gallery_id, model_id) if only is None else only
     for start in range(0, len(ids), _CHUNK):
         chunk = [int(i) for i in ids[start : start + _CHUNK]]
         rows = session.execute(

@@ -39,6 +39,16 @@ _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
+def recall_curve(metrics: dict[str, float]) -> dict[int, float]:
+    """{K: Recall@K} from a metrics dict's `recall@K` entries, by K."""
+    points = {
+        int(name[len(_RECALL_PREFIX) :]): float(value)
+        for name, value in metrics.items()
+        if name.startswith(_RECALL_PREFIX) and name[len(_RECALL_PREFIX) :].isdigit()
+    }
+    return dict(sorted(points.items()))
+
+
 @dataclass
 class Source:
     """One set of metrics on one split: from training (the model card) or an evaluate job."""
@@ -58,16 +68,8 @@ class Report:
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
     def recall_curves(self) -> dict[str, dict[int, float]]:
-        curves = {}
-        for source in self.sources:
-            points = {
-                int(name[len(_RECALL_PREFIX) :]): float(value)
-                for name, value in source.metrics.items()
-                if name.startswith(_RECALL_PREFIX) and name[len(_RECALL_PREFIX) :].isdigit()
-            }
-            if points:
-                curves[source.name] = dict(sorted(points.items()))
-        return curves
+        curves = {source.name: recall_curve(source.metrics) for source in self.sources}
+        return {name: curve for name, curve in curves.items() if curve}
 
     def memorisation(self) -> dict[str, float] | None:
         """Train vs test Recall@1, from evaluate jobs when both exist, else from training."""
@@ -270,30 +272,17 @@ def compare_models(
 
 def compare_png(comparison: Comparison) -> bytes:
     """The models' Recall@K curves on one plot."""
+    curves = {
+        model.name: recall_curve(source.metrics)
+        for model, source in comparison.entries
+        if source is not None
+    }
+    curves = {name: curve for name, curve in curves.items() if curve}
+    if not curves:
+        raise NotFound("none of these models has Recall@K on this split yet; evaluate them")
     figure = _figure()
     axes = figure.add_subplot()
-    ks: set[int] = set()
-    for model, source in comparison.entries:
-        if source is None:
-            continue
-        curve = {
-            int(name[len(_RECALL_PREFIX) :]): value
-            for name, value in source.metrics.items()
-            if name.startswith(_RECALL_PREFIX) and name[len(_RECALL_PREFIX) :].isdigit()
-        }
-        if curve:
-            points = sorted(curve)
-            ks.update(points)
-            axes.plot(points, [curve[k] for k in points], marker="o", label=model.name)
-    if not ks:
-        raise NotFound("none of these models has Recall@K on this split yet; evaluate them")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
-    axes.minorticks_off()
-    axes.set_xlabel("K")
-    axes.set_ylabel("Recall@K")
-    axes.set_ylim(0, 1.02)
-    axes.legend(fontsize="small")
+    _draw_recall_curves(axes, curves)
     axes.set_title(f"{comparison.dataset.name}, {comparison.split} split")
     return _png(figure)
 
@@ -322,6 +311,20 @@ def epoch_axis(axes: Any, epochs: list[int]) -> None:
         axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
 
 
+def _draw_recall_curves(axes: Any, curves: dict[str, dict[int, float]]) -> None:
+    """Recall@K curves, one per label, on a log2 K axis (the report's and the comparison's)."""
+    for label, curve in curves.items():
+        axes.plot(list(curve), list(curve.values()), marker="o", label=label)
+    ks = sorted({k for curve in curves.values() for k in curve})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ks, [str(k) for k in ks])
+    axes.minorticks_off()
+    axes.set_xlabel("K")
+    axes.set_ylabel("Recall@K")
+    axes.set_ylim(0, 1.02)
+    axes.legend(fontsize="small")
+
+
 def plot(
     settings: Settings,
     session: Session,
@@ -341,17 +344,7 @@ def plot(
     figure = _figure()
     axes = figure.add_subplot()
     if name == "recall":
-        for label, curve in report.recall_curves().items():
-            ks = list(curve)
-            axes.plot(ks, [curve[k] for k in ks], marker="o", label=label)
-        ks = sorted({k for curve in report.recall_curves().values() for k in curve})
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(ks, [str(k) for k in ks])
-        axes.minorticks_off()
-        axes.set_xlabel("K")
-        axes.set_ylabel("Recall@K")
-        axes.set_ylim(0, 1.02)
-        axes.legend(fontsize="small")
+        _draw_recall_curves(axes, report.recall_curves())
     elif name == "training":
         epochs = [e["epoch"] for e in report.epochs]
         losses = [e["loss"] for e in report.epochs]

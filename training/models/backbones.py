@@ -238,7 +238,7 @@ def _hub_source(model: Any) -> tuple[str, str | None]:
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
         url = cfg.get("url") or ""
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        cached = _torch_hub_file(url)
         return f"url:{url}", file_digest(cached) if url and cached.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
@@ -273,9 +273,14 @@ def _torchvision_resnet(arch: str, weights: str) -> tuple[nn.Module, BackboneInf
     return _ResNetFeatures(model), info
 
 
+def _torch_hub_file(url: str) -> Path:
+    """Where torch.hub keeps (or would keep) the checkpoint downloaded from `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
 def _torchvision_imagenet_state(enum) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """Weights from torch's hub cache, downloading them only where a network is available."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    cached = _torch_hub_file(enum.url)
     try:
         if not cached.exists():
             enum.get_state_dict(progress=False)  # downloads into the cache
@@ -365,7 +370,6 @@ def takes_image_size(backbone: nn.Module) -> bool:
     size means building it for that size (`options={"img_size": N}`)."""
     import inspect
 
-    model = getattr(backbone, "model", None)
-    if not isinstance(backbone, _TimmPooled) or model is None:
+    if not isinstance(backbone, _TimmPooled):
         return False
-    return "img_size" in inspect.signature(type(model).__init__).parameters
+    return "img_size" in inspect.signature(type(backbone.model).__init__).parameters

@@ -91,12 +91,13 @@ class EmbeddingModel(nn.Module):
 def build_for_size(spec: ModelSpec, weights: str, image_size: int | None) -> EmbeddingModel:
     """The model of `spec`, built for `image_size` inputs when its backbone is made for one
     size (a timm ViT at another size: `backbone_options["img_size"]`, the checkpoint's position
-    embeddings resampled by timm); other backbones take any size as they are."""
-    from training.models.backbones import takes_image_size
+    embeddings resampled by timm); other backbones take any size as they are. A timm backbone
+    is probed with random weights first, so its weights are read once."""
+    from training.models.backbones import is_builtin, takes_image_size
 
-    model = EmbeddingModel(spec, weights=weights)
-    native = model.backbone_info.image_size
-    if image_size and image_size != native and takes_image_size(model.backbone):
-        options = {**spec.backbone_options, "img_size": image_size}
-        model = EmbeddingModel(spec.model_copy(update={"backbone_options": options}), weights)
-    return model
+    if image_size and not is_builtin(spec.backbone):
+        probe, info = build_backbone(spec.backbone, "none", spec.backbone_options)
+        if image_size != info.image_size and takes_image_size(probe):
+            options = {**spec.backbone_options, "img_size": image_size}
+            spec = spec.model_copy(update={"backbone_options": options})
+    return EmbeddingModel(spec, weights=weights)

@@ -77,10 +77,7 @@ def register_model(
             name,
             backbone,
             weights=(
-                (
-                    weights.filename or "weights" + suffix,
-                    iter(lambda: weights.file.read(CHUNK), b""),
-                )
+                (weights.filename or "", iter(lambda: weights.file.read(CHUNK), b""))
                 if weights is not None
                 else None
             ),
